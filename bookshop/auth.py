@@ -1,0 +1,119 @@
+"""Token verification, shared by every service.
+
+The users service signs RS256 JWTs and publishes its public keys at ``/.well-known/jwks.json``. Every other
+service verifies tokens here: keys fetched from that JWKS with aiohttp, cached, refetched when a token names
+an unknown ``kid`` (at most once every few seconds), algorithm pinned to RS256, ``exp``/``iss``/``aud``
+required. Service-to-service calls carry a ``service`` token obtained by OAuth2 client credentials.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Awaitable, Callable
+
+import jwt
+
+from bookshop.services.errors import Unauthenticated, Unavailable
+
+log = logging.getLogger(__name__)
+
+ISSUER = "bookshop-users"
+AUDIENCE = "bookshop"
+ALGORITHM = "RS256"
+ROLES = ("customer", "staff", "service")
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who is calling: the token's subject and role."""
+    sub: str
+    role: str
+    exp: int
+
+    @property
+    def is_staff(self) -> bool:
+        return self.role == "staff"
+
+    @property
+    def is_service(self) -> bool:
+        return self.role == "service"
+
+
+KeyLoader = Callable[[], Awaitable[dict]]
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against a cached JWKS (``{"keys": [...]}``) from ``load_jwks``."""
+
+    refetch_interval = 3.0
+
+    def __init__(self, load_jwks: KeyLoader):
+        self._load_jwks = load_jwks
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = 0.0
+        self._lock = asyncio.Lock()
+
+    def forget(self) -> None:
+        self._keys = {}
+        self._fetched_at = 0.0
+
+    async def _refresh(self, force: bool) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            if self._keys and (not force or now - self._fetched_at < self.refetch_interval):
+                return
+            if force and now - self._fetched_at < self.refetch_interval:
+                return
+            self._fetched_at = now
+            try:
+                jwks = await self._load_jwks()
+            except Unavailable:
+                log.warning("token keys unavailable")
+                raise
+            keys = {}
+            for item in jwks.get("keys", []):
+                if item.get("kty") == "RSA" and item.get("kid"):
+                    try:
+                        keys[item["kid"]] = jwt.PyJWK(item, algorithm=ALGORITHM)
+                    except jwt.PyJWTError:
+                        log.warning("ignoring an unusable key in the JWKS")
+            self._keys = keys
+
+    async def key_for(self, kid: str) -> jwt.PyJWK:
+        if kid not in self._keys:
+            await self._refresh(force=bool(self._keys))
+        if kid not in self._keys:
+            raise Unauthenticated("token signed with an unknown key", code="invalid_token")
+        return self._keys[kid]
+
+    async def verify(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed token", code="invalid_token") from None
+        if header.get("alg") != ALGORITHM or not isinstance(header.get("kid"), str):
+            raise Unauthenticated("token must be RS256 with a kid", code="invalid_token")
+        key = await self.key_for(header["kid"])
+        try:
+            claims = jwt.decode(token, key.key, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=ISSUER,
+                                options={"require": ["exp", "iss", "aud", "sub"]}, leeway=0)
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired", code="token_expired") from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("invalid token", code="invalid_token") from None
+        role = claims.get("role")
+        if role not in ROLES or not isinstance(claims["sub"], str):
+            raise Unauthenticated("invalid token", code="invalid_token")
+        return Principal(sub=claims["sub"], role=role, exp=int(claims["exp"]))
+
+
+def bearer(header_value: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer ...`` header, or None."""
+    if not header_value:
+        return None
+    scheme, _, token = header_value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("Authorization must be 'Bearer <token>'", code="invalid_token")
+    return token.strip()

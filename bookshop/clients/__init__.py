@@ -1,0 +1,1 @@
+"""One client class per upstream service: the only way services talk to each other."""

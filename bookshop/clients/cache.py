@@ -1,0 +1,126 @@
+"""The gateway's cache for ``GET /api/v1/books/{isbn}``, kept correct by the services' event streams.
+
+Entries of a stream are used only while the gateway follows that stream (a follower that lost its stream
+may have missed an invalidation). Stock entries are overwritten by each ``stock.changed`` event, book
+entries dropped by each ``book.*`` event, recommendations dropped on any book event and after 30 s. A fetch
+that raced an event is not stored (a per-stream generation counter tells).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from bookshop.services import errors
+from bookshop.services.isbn import normalize_isbn
+
+log = logging.getLogger(__name__)
+
+NULL = b"null"
+MAX_ENTRIES = 20_000
+RECS_SECONDS = 30.0
+
+
+def dumps(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class BookPageCache:
+    def __init__(self, hub, catalog, inventory, recommendations, part_timeout: float = 1.0):
+        self.hub = hub
+        self.catalog = catalog
+        self.inventory = inventory
+        self.recs_client = recommendations
+        self.part_timeout = part_timeout
+        self.books: dict[str, bytes | None] = {}
+        self.levels: dict[str, bytes] = {}
+        self.recs: dict[str, tuple[float, bytes]] = {}
+        self.generation = {"catalog": 0, "inventory": 0}
+        hub.listeners.append(self.on_event)
+
+    def _live(self, stream: str) -> bool:
+        return self.hub.streams[stream].connected
+
+    def on_event(self, stream: str, event: dict) -> None:
+        if stream == "inventory" and event["event"] == "stock.changed":
+            self.generation["inventory"] += 1
+            data = event["data"]
+            self.levels[data["isbn"]] = dumps({"available": data["available"]})
+        elif stream == "catalog":
+            self.generation["catalog"] += 1
+            self.books.pop(event["data"].get("isbn"), None)
+            self.recs.clear()
+
+    def on_stream_state(self, stream: str, connected: bool) -> None:
+        if not connected:  # we may miss invalidations from now on
+            if stream == "catalog":
+                self.books.clear()
+                self.recs.clear()
+            elif stream == "inventory":
+                self.levels.clear()
+
+    def forget_path(self, path: str) -> None:
+        """A write through this gateway: drop what it changed now, before its event arrives."""
+        parts = path.split("/")
+        if len(parts) >= 5 and parts[3] in ("books", "inventory"):
+            try:
+                isbn = normalize_isbn(parts[4])
+            except errors.InvalidInput:
+                return
+            self.books.pop(isbn, None)
+            self.levels.pop(isbn, None)
+            self.recs.clear()
+
+    @staticmethod
+    def _bounded(table: dict) -> None:
+        if len(table) >= MAX_ENTRIES:
+            table.clear()
+
+    async def book(self, isbn: str) -> bytes | None:
+        if isbn in self.books and self._live("catalog"):
+            return self.books[isbn]
+        gen = self.generation["catalog"]
+        book = await self.catalog.book(isbn)
+        value = dumps(book) if book is not None else None
+        if self._live("catalog") and gen == self.generation["catalog"]:
+            self._bounded(self.books)
+            self.books[isbn] = value
+        return value
+
+    async def stock(self, isbn: str) -> bytes:
+        if isbn in self.levels and self._live("inventory"):
+            return self.levels[isbn]
+        gen = self.generation["inventory"]
+        try:
+            levels = await self.inventory.levels(isbn)
+        except errors.DomainError as exc:
+            log.info("stock of %s unavailable: %s", isbn, exc.code)
+            return NULL
+        value = dumps({"available": levels["available"]}) if levels is not None else NULL
+        if levels is not None and self._live("inventory") and gen == self.generation["inventory"]:
+            self._bounded(self.levels)
+            self.levels[isbn] = value
+        return value
+
+    async def recommendations(self, isbn: str, token: str | None = None) -> bytes:
+        """Anonymous recommendations are shared and cached; a customer's own (``token``) are not."""
+        if token is not None:
+            try:
+                items = await self.recs_client.for_book(isbn, token=token)
+            except errors.DomainError:
+                return NULL
+            return dumps(items) if items is not None else NULL
+        hit = self.recs.get(isbn)
+        if hit and time.monotonic() - hit[0] < RECS_SECONDS and self._live("catalog"):
+            return hit[1]
+        gen = self.generation["catalog"]
+        try:
+            items = await self.recs_client.for_book(isbn)
+        except errors.DomainError as exc:
+            log.info("recommendations for %s unavailable: %s", isbn, exc.code)
+            return NULL
+        value = dumps(items) if items is not None else NULL
+        if items is not None and self._live("catalog") and gen == self.generation["catalog"]:
+            self._bounded(self.recs)
+            self.recs[isbn] = (time.monotonic(), value)
+        return value

@@ -1,0 +1,85 @@
+"""The embedded database: SecantusDB (a MongoDB wire-protocol server) run as a child process."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pymongo
+import pymongo.errors
+
+from bookshop.procs import die_with_parent, free_port
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedDatabaseError(RuntimeError):
+    pass
+
+
+def secantusd_command() -> list[str]:
+    exe = shutil.which("secantusd-py")
+    if exe is None:
+        candidate = os.path.join(os.path.dirname(sys.executable), "secantusd-py")
+        if os.path.exists(candidate):
+            exe = candidate
+    if exe is None:
+        raise EmbeddedDatabaseError("secantusd-py not found: pip install -e . installs it (secantusdb)")
+    return [exe]
+
+
+class EmbeddedDatabase:
+    """Starts ``secantusd-py`` on a free loopback port and waits until it answers ``ping``."""
+
+    def __init__(self, storage_path: str, host: str = "127.0.0.1", port: int | None = None,
+                 log_path: str | None = None):
+        self.storage_path = storage_path
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/?directConnection=true&retryWrites=false&journal=true"
+
+    def start(self, timeout: float = 30.0) -> str:
+        if self.storage_path != ":memory:":
+            os.makedirs(self.storage_path, exist_ok=True)
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        cmd = secantusd_command() + ["--host", self.host, "--port", str(self.port),
+                                     "--storage-path", self.storage_path, "--log-level", "WARNING"]
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                     preexec_fn=die_with_parent(), start_new_session=True)
+        if out is not subprocess.DEVNULL:
+            out.close()
+        deadline = time.monotonic() + timeout
+        client = pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=200, connectTimeoutMS=200)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise EmbeddedDatabaseError(
+                        f"the embedded database exited with code {self.proc.returncode}"
+                        + (f" (see {self.log_path})" if self.log_path else ""))
+                try:
+                    client.admin.command("ping")
+                    return self.uri
+                except pymongo.errors.PyMongoError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop()
+        raise EmbeddedDatabaseError(f"the embedded database did not answer within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,1 @@
+"""Thin HTTP handlers: parse and validate input, call the shop, write JSON."""

@@ -1,0 +1,211 @@
+"""The base handler every service's handlers derive from.
+
+It owns the HTTP conventions of the contract: the JSON error body for every error (Tornado's own 404/405
+and uncaught exceptions included), ``X-Request-ID`` on every response, the 1 MiB body limit answered with a
+JSON 413 (bodies are streamed so the limit is ours, not Tornado's bare 400), strict JSON parsing, token
+decoding in ``prepare()`` and the one mapping from domain errors to HTTP statuses.
+
+Every handler needs a token unless it declares the methods that are public (``public = {"GET"}``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from typing import Any, TypeVar
+
+import pydantic
+import tornado.web
+
+from bookshop import auth
+from bookshop.logs import request_id_var
+from bookshop.services import errors
+from bookshop.storage import is_unavailable
+from bookshop.validation import parse_json, validate
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1024 * 1024
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+T = TypeVar("T", bound=pydantic.BaseModel)
+
+STATUS = {
+    errors.InvalidInput: 400,
+    errors.Unauthenticated: 401,
+    errors.PaymentDeclined: 402,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.PayloadTooLarge: 413,
+    errors.IdempotencyMismatch: 422,
+    errors.RateLimited: 429,
+    errors.Unavailable: 503,
+}
+
+TORNADO_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "payload_too_large", 500: "internal_error",
+                 503: "service_unavailable"}
+
+
+def status_of(error: errors.DomainError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_body(code: str, message: str, request_id: str | None, details: dict | None = None) -> dict:
+    body = {"code": code, "message": message, "request_id": request_id}
+    if details:
+        body["details"] = details
+    return {"error": body}
+
+
+@tornado.web.stream_request_body
+class BaseHandler(tornado.web.RequestHandler):
+    """JSON in, JSON out, with the contract's errors, request ids and authentication."""
+
+    #: HTTP methods that need no token (the contract's "anyone" rows and the operational routes)
+    public: frozenset[str] | set[str] = frozenset()
+    #: the app's dependencies, set by initialize()
+    ctx: Any = None
+    route: str = "?"
+
+    def initialize(self, ctx=None, route: str = "?", **_):
+        self.ctx = ctx
+        self.route = route
+        self.principal: auth.Principal | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+
+    # -- request id and content ---------------------------------------------------------------------------
+    def set_default_headers(self) -> None:
+        # also runs when an error clears the response: keep the request id on it
+        rid = getattr(self, "_request_id", None)
+        if rid is not None:
+            self.set_header("X-Request-ID", rid)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    @property
+    def request_id(self) -> str:
+        rid = getattr(self, "_request_id", None)
+        if rid is None:
+            given = self.request.headers.get("X-Request-ID", "")
+            rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+            self._request_id = rid
+            self.set_header("X-Request-ID", rid)
+            request_id_var.set(rid)
+        return rid
+
+    async def prepare(self):
+        _ = self.request_id
+        inflight = getattr(self.ctx, "inflight", None)
+        if inflight is not None:
+            inflight.add(self)
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            # answered with 413 once the body is read (and discarded): answering before would reset the
+            # connection while the client is still sending, and it would never see our JSON
+            self._too_large = True
+        self.request.connection.set_max_body_size(64 * MAX_BODY)
+        method = self.request.method.lower()
+        if getattr(type(self), method, None) is getattr(tornado.web.RequestHandler, method, None):
+            raise tornado.web.HTTPError(405)  # before authentication: the route has no such method
+        await self.authenticate()
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > MAX_BODY:
+            self._too_large = True
+            self._chunks = []
+        elif not self._too_large:
+            self._chunks.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        if self._too_large:
+            raise errors.PayloadTooLarge()
+        return b"".join(self._chunks)
+
+    def json_body(self, model: type[T] | None = None) -> Any:
+        data = parse_json(self.body)
+        return validate(model, data) if model is not None else data
+
+    # -- authentication ---------------------------------------------------------------------------------
+    async def authenticate(self) -> None:
+        token = auth.bearer(self.request.headers.get("Authorization"))
+        if token is not None:
+            verifier = getattr(self.ctx, "verifier", None)
+            if verifier is None:
+                raise errors.Unauthenticated("this service does not accept tokens")
+            self.principal = await verifier.verify(token)
+        elif self.request.method not in self.public:
+            raise errors.Unauthenticated()
+
+    def require(self, *roles: str) -> auth.Principal:
+        """The caller, if their role is one of ``roles`` (403 otherwise)."""
+        if self.principal is None:
+            raise errors.Unauthenticated()
+        if self.principal.role not in roles:
+            raise errors.Forbidden(f"this needs the role {' or '.join(roles)}")
+        return self.principal
+
+    # -- output -----------------------------------------------------------------------------------------
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(data, separators=(",", ":"), default=str))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if exc is not None and is_unavailable(exc):
+            exc = errors.Unavailable("the database is unavailable", retry_after=2)
+        self.clear_header("Content-Disposition")
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        if isinstance(exc, errors.DomainError):
+            status = status_of(exc)
+            self.set_status(status)
+            if exc.retry_after is not None or status in (429, 503):
+                self.set_header("Retry-After", str(exc.retry_after or 1))
+            body = error_body(exc.code, exc.message, self.request_id, exc.details)
+        elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
+            body = error_body(TORNADO_CODES.get(status_code, "http_error"),
+                              exc.log_message or self._reason, self.request_id)
+        else:
+            body = error_body(TORNADO_CODES.get(status_code, "internal_error"),
+                              "internal error" if status_code == 500 else self._reason, self.request_id)
+        self.finish(json.dumps(body))
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, errors.DomainError):
+            return  # an expected answer, not a fault
+        if isinstance(value, tornado.web.HTTPError):
+            return
+        if is_unavailable(value):
+            log.warning("database unavailable during %s %s", self.request.method, self.route)
+            return
+        log.error("uncaught exception in %s %s", self.request.method, self.route,
+                  exc_info=(typ, value, tb))
+
+    def on_finish(self) -> None:
+        inflight = getattr(self.ctx, "inflight", None)
+        if inflight is not None:
+            inflight.discard(self)
+
+    def on_connection_close(self) -> None:
+        self.on_finish()
+        super().on_connection_close()
+
+
+class NotFoundHandler(BaseHandler):
+    """The app's default handler: a JSON 404 for any unknown path."""
+
+    public = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+    async def prepare(self):
+        _ = self.request_id
+        raise errors.NotFound(f"no route for {self.request.path}")

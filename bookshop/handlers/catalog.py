@@ -1,0 +1,147 @@
+"""Catalog service routes: books, search, and the internal bulk lookup the orders service prices with."""
+from __future__ import annotations
+
+import logging
+
+from bookshop.handlers.base import BaseHandler
+from bookshop.services import catalog, errors
+from bookshop.services.isbn import normalize_isbn
+from bookshop.storage.catalog import book_view
+from bookshop.validation import StrictModel
+
+log = logging.getLogger(__name__)
+
+
+class NewBook(StrictModel):
+    isbn: str
+    title: str
+    authors: list[str]
+    category: str
+    price_cents: int
+    currency: str
+    description: str | None = None
+    published_year: int | None = None
+
+
+class BookPatch(StrictModel):
+    title: str | None = None
+    authors: list[str] | None = None
+    category: str | None = None
+    price_cents: int | None = None
+    currency: str | None = None
+    description: str | None = None
+    published_year: int | None = None
+
+
+class BooksHandler(BaseHandler):
+    public = {"GET"}
+
+    async def get(self):
+        repo = self.ctx.deps["books"]
+        codec = self.ctx.deps["cursors"]
+        q = self.get_query_argument("q", "")
+        author = self.get_query_argument("author", "")
+        category = self.get_query_argument("category", "").strip().lower() or None
+        if len(q) > 200 or len(author) > 200 or (category and len(category) > 50):
+            raise errors.InvalidInput("search terms are too long", code="invalid_field")
+        limit = catalog.page_limit(self.get_query_argument("limit", None))
+        cursor = self.get_query_argument("cursor", None)
+        after = None
+        if cursor:
+            position = codec.decode(cursor)
+            after = position.get("after")
+            if not isinstance(after, str):
+                raise errors.InvalidInput("cursor: not a cursor this server issued", code="invalid_field")
+        q_words, author_words = catalog.words(q)[:8], catalog.words(author)[:8]
+        if (q.strip() and not q_words) or (author.strip() and not author_words):
+            self.write_json({"items": [], "next_cursor": None})
+            return
+        docs = await repo.search(q_words, author_words, category, after, limit + 1)
+        more = len(docs) > limit
+        docs = docs[:limit]
+        next_cursor = codec.encode({"after": docs[-1]["_id"]}) if more else None
+        self.write_json({"items": [book_view(d) for d in docs], "next_cursor": next_cursor})
+
+    async def post(self):
+        self.require("staff")
+        body = self.json_body(NewBook)
+        isbn = normalize_isbn(body.isbn)
+        fields = catalog.check_book_fields(body.model_dump(exclude={"isbn"}), self.ctx.settings.currency)
+        book = {"isbn": isbn, **fields}
+        doc = await self.ctx.deps["books"].add({**book, **catalog.search_words(book)})
+        if doc is None:
+            raise errors.Conflict(f"a book with ISBN {isbn} exists", code="isbn_exists")
+        self.ctx.relay.kick()
+        log.info("book %s created", isbn)
+        self.write_json(book_view(doc), 201)
+
+
+class BookHandler(BaseHandler):
+    public = {"GET"}
+
+    async def get(self, raw_isbn):
+        doc = await self.ctx.deps["books"].get(normalize_isbn(raw_isbn))
+        if doc is None:
+            raise errors.NotFound("no such book", code="book_not_found")
+        self.write_json(book_view(doc))
+
+    async def patch(self, raw_isbn):
+        self.require("staff")
+        isbn = normalize_isbn(raw_isbn)
+        body = self.json_body(BookPatch)
+        changes = body.model_dump(exclude_unset=True)
+        for field in ("title", "authors", "category", "price_cents", "currency"):
+            if field in changes and changes[field] is None:
+                raise errors.InvalidInput(f"{field}: may not be null", code="invalid_field",
+                                          details={"field": field})
+        if not changes:
+            raise errors.InvalidInput("body: nothing to change", code="invalid_field", details={"field": "body"})
+        changes = catalog.check_book_fields(changes, self.ctx.settings.currency)
+        repo = self.ctx.deps["books"]
+        if "title" in changes or "authors" in changes:
+            current = await repo.get(isbn)
+            if current is None:
+                raise errors.NotFound("no such book", code="book_not_found")
+            merged = {"title": changes.get("title", current["title"]),
+                      "authors": changes.get("authors", current["authors"])}
+            changes.update(catalog.search_words(merged))
+        doc = await repo.update(isbn, changes)
+        if doc is None:
+            raise errors.NotFound("no such book", code="book_not_found")
+        self.ctx.relay.kick()
+        self.write_json(book_view(doc))
+
+    async def delete(self, raw_isbn):
+        self.require("staff")
+        isbn = normalize_isbn(raw_isbn)
+        if not await self.ctx.deps["books"].delete(isbn):
+            raise errors.NotFound("no such book", code="book_not_found")
+        self.ctx.relay.kick()
+        log.info("book %s deleted", isbn)
+        self.set_status(204)
+        self.finish()
+
+
+class InternalBooksHandler(BaseHandler):
+    """``GET /internal/books?isbns=a,b``: books on sale among those ISBNs (service token)."""
+
+    async def get(self):
+        self.require("service")
+        raw = [s for s in self.get_query_argument("isbns", "").split(",") if s]
+        if not 1 <= len(raw) <= 200:
+            raise errors.InvalidInput("isbns: give 1 to 200 ISBNs", code="invalid_field",
+                                      details={"field": "isbns"})
+        isbns = [normalize_isbn(s, "isbns") for s in raw]
+        docs = await self.ctx.deps["books"].get_many(isbns)
+        self.write_json({"items": [book_view(d) for d in docs]})
+
+
+ISBN = r"([^/]{1,64})"
+
+
+def routes() -> list[tuple]:
+    return [
+        (r"/api/v1/books", BooksHandler),
+        (rf"/api/v1/books/{ISBN}", BookHandler),
+        (r"/internal/books", InternalBooksHandler),
+    ]

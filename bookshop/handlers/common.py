@@ -1,0 +1,132 @@
+"""Routes every service has: health, readiness, metrics; and the event stream of services that keep one."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import tornado.websocket
+
+from bookshop.handlers.base import BaseHandler
+from bookshop.services import errors
+
+log = logging.getLogger(__name__)
+
+
+class HealthHandler(BaseHandler):
+    public = {"GET", "HEAD"}
+
+    def get(self):
+        self.write_json({"status": "ok", "service": self.ctx.name})
+
+
+class ReadyHandler(BaseHandler):
+    public = {"GET", "HEAD"}
+
+    async def get(self):
+        problems = await self.ctx.readiness()
+        if problems:
+            self.set_header("Retry-After", "2")
+            self.write_json({"status": "unavailable", "service": self.ctx.name, "problems": problems}, 503)
+        else:
+            self.write_json({"status": "ready", "service": self.ctx.name})
+
+
+class MetricsHandler(BaseHandler):
+    public = {"GET"}
+
+    def get(self):
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.ctx.metrics.render())
+
+
+def int_arg(handler: BaseHandler, name: str, default: int, lo: int, hi: int) -> int:
+    raw = handler.get_query_argument(name, None)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise errors.InvalidInput(f"{name} must be an integer between {lo} and {hi}", code="invalid_field",
+                                  details={"field": name})
+    return int(raw)
+
+
+class EventsHandler(BaseHandler):
+    """``GET /internal/events?after=SEQ&limit=N&wait=S``: the service's numbered events (service token)."""
+
+    async def get(self):
+        self.require("service")
+        after = int_arg(self, "after", 0, 0, 2**62)
+        limit = int_arg(self, "limit", 500, 1, 1000)
+        wait = int_arg(self, "wait", 0, 0, 30)
+        log_ = self.ctx.event_log
+        items = await log_.read(after, limit)
+        if not items and wait:
+            await log_.wait(after, wait)
+            items = await log_.read(after, limit)
+        self.write_json({"items": items, "seq": await log_.latest_seq(), "oldest": await log_.oldest_seq()})
+
+
+class EventStreamSocket(tornado.websocket.WebSocketHandler):
+    """``/internal/events/ws?after=SEQ``: replay from the log, then follow live (service token only).
+
+    Frames: ``{"type": "hello", "seq": latest, "oldest": oldest}`` then one ``{"type": "event", ...}`` per
+    event in ``seq`` order. The follower resumes with ``after`` = the last seq it saw.
+    """
+
+    def initialize(self, ctx=None, route="?", **_):
+        self.ctx = ctx
+        self.route = route
+        self._stop = asyncio.Event()
+
+    async def get(self, *args, **kwargs):
+        token = self.request.headers.get("Authorization", "")
+        try:
+            from bookshop import auth
+            principal = await self.ctx.verifier.verify(auth.bearer(token) or "")
+        except errors.DomainError:
+            principal = None
+        if principal is None or not principal.is_service:
+            self.set_status(401)
+            self.finish(json.dumps({"error": {"code": "unauthenticated", "message": "service token required"}}))
+            return
+        raw = self.get_query_argument("after", None)
+        # no "after": follow from now on
+        self._after = int(raw) if raw is not None and raw.isdigit() else None
+        await super().get(*args, **kwargs)
+
+    def check_origin(self, origin):
+        return True  # authenticated by service token, not browsers
+
+    def open(self):
+        self._task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self):
+        log_ = self.ctx.event_log
+        try:
+            latest = await log_.latest_seq()
+            after = latest if self._after is None else self._after
+            await self.write_message(json.dumps({"type": "hello", "seq": latest,
+                                                 "oldest": await log_.oldest_seq()}))
+            while not self._stop.is_set():
+                items = await log_.read(after, 500)
+                for item in items:
+                    await self.write_message(json.dumps({"type": "event", **item}))
+                    after = item["seq"]
+                if len(items) < 500:
+                    await log_.wait(after, 1.0)
+        except tornado.websocket.WebSocketClosedError:
+            pass
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - a follower is disconnected and will resume
+            log.exception("event stream failed")
+            self.close(1011)
+
+    def on_message(self, message):
+        pass
+
+    def on_close(self):
+        self._stop.set()
+        task = getattr(self, "_task", None)
+        if task is not None:
+            task.cancel()

@@ -1,0 +1,151 @@
+"""Gateway routes: the public API (forwarded to the owning services), the aggregated book page, the
+long-poll event fallback, the WebSocket hub and the dashboard."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import tornado.web
+
+from bookshop.handlers.base import BaseHandler
+from bookshop.handlers.common import int_arg
+from bookshop.services import errors
+from bookshop.services.isbn import normalize_isbn
+from bookshop.ws.channels import CHANNELS, ChannelError, authorize
+from bookshop.ws.socket import LiveSocket
+
+log = logging.getLogger(__name__)
+
+STATIC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "static")
+FORWARDED_REQUEST_HEADERS = ("Authorization", "Idempotency-Key", "Content-Type", "Accept")
+FORWARDED_RESPONSE_HEADERS = ("Retry-After", "Location")
+
+
+class ProxyHandler(BaseHandler):
+    """Forwards a public API call to the service that owns it, as it came (token, body, query)."""
+
+    def initialize(self, ctx=None, route="?", upstream: str = "", public=frozenset(), **_):
+        super().initialize(ctx=ctx, route=route)
+        self.upstream = upstream
+        self.public = public
+
+    async def forward(self, *_args):
+        client = self.ctx.deps["upstreams"][self.upstream]
+        headers = {h: self.request.headers[h] for h in FORWARDED_REQUEST_HEADERS if h in self.request.headers}
+        headers["X-Forwarded-For"] = self.request.remote_ip or ""
+        if self.upstream == "users":
+            headers["X-Service-Authorization"] = f"Bearer {await self.ctx.tokens.token()}"
+        body = self.body if self.request.method in ("POST", "PUT", "PATCH") else None
+        reply = await client.raw(self.request.method, self.request.path, self.request.query, headers, body)
+        self.set_status(reply.status)
+        for name in FORWARDED_RESPONSE_HEADERS:
+            if name in reply.headers:
+                self.set_header(name, reply.headers[name])
+        if self.request.method in ("PATCH", "DELETE", "POST") and reply.status < 300:
+            self.ctx.deps["cache"].forget_path(self.request.path)
+        if reply.status == 204:
+            self.finish()
+        else:
+            self.finish(reply.body)
+
+    get = post = put = patch = delete = forward
+
+
+class BookPageHandler(ProxyHandler):
+    """``GET /api/v1/books/{isbn}``: the book with its stock and recommendations, fetched in parallel;
+    still 200 with those parts null when their service is down. Warm answers come from a cache kept
+    correct by the services' event streams."""
+
+    async def get(self, raw_isbn):
+        isbn = normalize_isbn(raw_isbn)
+        cache = self.ctx.deps["cache"]
+        personal = self.principal is not None and self.principal.role == "customer"
+        token = self.request.headers["Authorization"].split(" ", 1)[1] if personal else None
+        book, stock, recs = await asyncio.gather(cache.book(isbn), cache.stock(isbn),
+                                                 cache.recommendations(isbn, token))
+        if book is None:
+            raise errors.NotFound("no such book", code="book_not_found")
+        self.finish(b"".join((book[:-1], b',"stock":', stock, b',"recommendations":', recs, b"}")))
+
+
+class EventsHandler(BaseHandler):
+    """``GET /api/v1/events?channel=&after=&wait=``: the long-poll fallback of the live stream."""
+
+    public = {"GET"}
+
+    async def get(self):
+        channel = self.get_query_argument("channel", "")
+        try:
+            filter_ = authorize(channel, self.principal)
+        except ChannelError as exc:
+            if exc.code == "forbidden" and self.principal is None:
+                raise errors.Unauthenticated(exc.message) from None
+            if exc.code == "forbidden":
+                raise errors.Forbidden(exc.message) from None
+            raise errors.InvalidInput(f"channel: {exc.message}", code="invalid_field",
+                                      details={"field": "channel"}) from None
+        after = int_arg(self, "after", 0, 0, 2**62)
+        wait = int_arg(self, "wait", 0, 0, 30)
+        limit = int_arg(self, "limit", 100, 1, 500)
+        stream = self.ctx.deps["hub"].streams[CHANNELS[channel]]
+        source = stream.source
+        page = await source.read(after, limit)
+        if not page["items"] and wait:
+            deadline = asyncio.get_running_loop().time() + wait
+            waiter = self.ctx.deps["waiters"]
+            while asyncio.get_running_loop().time() < deadline and stream.seq <= after:
+                await waiter.wait(CHANNELS[channel], deadline - asyncio.get_running_loop().time())
+            page = await source.read(after, limit)
+        items = [{"type": "event", "channel": channel, "seq": e["seq"], "event": e["event"], "data": e["data"],
+                  "at": e["at"]} for e in page["items"] if filter_.matches(e)]
+        last = page["items"][-1]["seq"] if page["items"] else max(after, 0)
+        self.write_json({"items": items, "seq": last if page["items"] else page["seq"]})
+
+
+class DashboardHandler(BaseHandler):
+    public = {"GET", "HEAD"}
+
+    def get(self):
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.set_header("Content-Security-Policy",
+                        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:")
+        with open(os.path.join(STATIC, "index.html"), "rb") as fh:
+            self.finish(fh.read())
+
+
+class StaticHandler(tornado.web.StaticFileHandler):
+    def initialize(self, ctx=None, route="?", **_):
+        self.ctx = ctx
+        self.route = route
+        super().initialize(path=STATIC)
+
+
+def routes() -> list[tuple]:
+    anyone, none = frozenset({"GET", "POST"}), frozenset()
+    isbn = r"([^/]{1,64})"
+    table = [
+        (r"/api/v1/users", "users", frozenset({"POST"})),
+        (r"/api/v1/users/me", "users", none),
+        (r"/api/v1/tokens", "users", anyone),
+        (r"/api/v1/tokens/refresh", "users", anyone),
+        (r"/api/v1/books", "catalog", frozenset({"GET"})),
+        (rf"/api/v1/inventory/{isbn}", "inventory", frozenset({"GET"})),
+        (rf"/api/v1/inventory/{isbn}/restock", "inventory", none),
+        (r"/api/v1/cart", "orders", none),
+        (rf"/api/v1/cart/items/{isbn}", "orders", none),
+        (r"/api/v1/orders", "orders", none),
+        (r"/api/v1/orders/([^/]+)", "orders", none),
+        (r"/api/v1/orders/([^/]+)/(cancel|ship|payments)", "orders", none),
+        (r"/api/v1/recommendations", "recommendations", frozenset({"GET"})),
+    ]
+    out = [(pattern, ProxyHandler, {"upstream": upstream, "public": public}) for pattern, upstream, public in table]
+    out += [
+        (rf"/api/v1/books/{isbn}", BookPageHandler, {"upstream": "catalog", "public": frozenset({"GET"})}),
+        (r"/api/v1/events", EventsHandler),
+        (r"/ws", LiveSocket),
+        (r"/", DashboardHandler),
+        (r"/static/(.*)", StaticHandler),
+    ]
+    return out
+

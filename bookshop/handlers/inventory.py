@@ -1,0 +1,136 @@
+"""Inventory service routes: public levels, staff restock, internal reservations for the orders service."""
+from __future__ import annotations
+
+import logging
+
+from bookshop.handlers.base import BaseHandler
+from bookshop.handlers.catalog import ISBN
+from bookshop.services import errors
+from bookshop.services.inventory import NotFoundError, check_quantity, levels_view
+from bookshop.services.isbn import normalize_isbn
+from bookshop.validation import StrictModel
+
+log = logging.getLogger(__name__)
+
+
+class Restock(StrictModel):
+    quantity: int
+
+
+class Line(StrictModel):
+    isbn: str
+    quantity: int
+
+
+class ReserveRequest(StrictModel):
+    order_id: str
+    items: list[Line]
+
+
+async def known_book(ctx, isbn: str) -> None:
+    if await ctx.deps["catalog"].book(isbn) is None:
+        raise errors.NotFound("no such book", code="book_not_found")
+
+
+class LevelsHandler(BaseHandler):
+    public = {"GET"}
+
+    async def get(self, raw_isbn):
+        isbn = normalize_isbn(raw_isbn)
+        doc = await self.ctx.deps["levels"].get(isbn)
+        if doc is None:
+            await known_book(self.ctx, isbn)  # catalogued but never restocked: 0/0/0
+        self.write_json(levels_view(isbn, doc))
+
+
+class RestockHandler(BaseHandler):
+    async def post(self, raw_isbn):
+        self.require("staff")
+        isbn = normalize_isbn(raw_isbn)
+        quantity = check_quantity(self.json_body(Restock).quantity)
+        if await self.ctx.deps["levels"].get(isbn) is None:
+            await known_book(self.ctx, isbn)
+        levels = await self.ctx.deps["levels"].restock(isbn, quantity)
+        self.ctx.relay.kick()
+        self.ctx.metrics.count("restocks")
+        log.info("restocked %s by %d", isbn, quantity)
+        self.write_json(levels)
+
+
+class AllLevelsHandler(BaseHandler):
+    """``GET /internal/levels?after=ISBN&limit=N`` (service): levels in ISBN order, for snapshots."""
+
+    async def get(self):
+        self.require("service")
+        raw = self.get_query_argument("limit", "1000")
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            raise errors.InvalidInput("limit: 1 to 1000", code="invalid_field", details={"field": "limit"})
+        after = self.get_query_argument("after", None)
+        seq = await self.ctx.event_log.latest_seq()  # read first: later events are newer than the snapshot
+        docs = await self.ctx.deps["levels"].list(after, int(raw))
+        self.write_json({"items": [levels_view(d["_id"], d) for d in docs], "seq": seq})
+
+
+def _order_id(raw: str) -> str:
+    if not 1 <= len(raw) <= 64 or not raw.replace("-", "").replace("_", "").isalnum():
+        raise errors.InvalidInput("order_id: 1 to 64 letters, digits, - or _", code="invalid_field",
+                                  details={"field": "order_id"})
+    return raw
+
+
+class ReservationsHandler(BaseHandler):
+    async def post(self):
+        self.require("service")
+        body = self.json_body(ReserveRequest)
+        order_id = _order_id(body.order_id)
+        items = [(normalize_isbn(line.isbn, f"items[{i}].isbn"), check_quantity(line.quantity,
+                                                                                  f"items[{i}].quantity"))
+                 for i, line in enumerate(body.items)]
+        result = await self.ctx.deps["reservations"].reserve(order_id, items)
+        self.ctx.relay.kick()
+        self.ctx.metrics.count(f"reservations_{result['state']}")
+        self.write_json(result)
+
+
+class ReservationActionHandler(BaseHandler):
+    async def post(self, order_id, action):
+        self.require("service")
+        reservations = self.ctx.deps["reservations"]
+        try:
+            if action == "commit":
+                result = await reservations.commit(_order_id(order_id))
+            elif action == "release":
+                result = await reservations.release(_order_id(order_id))
+            else:
+                result = await reservations.put_back(_order_id(order_id))
+        except NotFoundError:
+            raise errors.NotFound("no reservation for this order", code="reservation_not_found") from None
+        self.ctx.relay.kick()
+        wanted = {"commit": "committed", "release": "released", "put-back": "returned"}[action]
+        if result["state"] != wanted and not (action == "release" and result["state"] in ("expired", "released")):
+            raise errors.Conflict(f"reservation is {result['state']}", code="reservation_not_held",
+                                  details=result)
+        self.write_json(result)
+
+    async def get(self, order_id, action):
+        raise errors.NotFound()
+
+
+class ReservationHandler(BaseHandler):
+    async def get(self, order_id):
+        self.require("service")
+        doc = await self.ctx.deps["reservation_headers"].get(_order_id(order_id))
+        if doc is None:
+            raise errors.NotFound("no reservation for this order", code="reservation_not_found")
+        self.write_json(self.ctx.deps["reservations"].view(doc))
+
+
+def routes() -> list[tuple]:
+    return [
+        (rf"/api/v1/inventory/{ISBN}", LevelsHandler),
+        (rf"/api/v1/inventory/{ISBN}/restock", RestockHandler),
+        (r"/internal/levels", AllLevelsHandler),
+        (r"/internal/reservations", ReservationsHandler),
+        (r"/internal/reservations/([A-Za-z0-9_-]{1,64})", ReservationHandler),
+        (r"/internal/reservations/([A-Za-z0-9_-]{1,64})/(commit|release|put-back)", ReservationActionHandler),
+    ]

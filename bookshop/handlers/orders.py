@@ -1,0 +1,299 @@
+"""Orders service routes: the cart, placing orders (idempotent), reading, cancelling and shipping them."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import re
+
+from bookshop.handlers.base import BaseHandler, error_body, status_of
+from bookshop.handlers.catalog import ISBN
+from bookshop.services import cards, errors
+from bookshop.services.checkout import PlaceOrder
+from bookshop.services.isbn import normalize_isbn
+from bookshop.services.orders import OrderStatus, merge_lines, price, qualifies_for_promotion
+from bookshop.storage.orders import new_order_id, order_view
+from bookshop.validation import StrictModel
+
+log = logging.getLogger(__name__)
+
+_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ORDER_ID = r"([0-9a-f]{24})"
+
+
+class Line(StrictModel):
+    isbn: str
+    quantity: int
+
+
+class Address(StrictModel):
+    name: str
+    line1: str
+    line2: str | None = None
+    city: str
+    postal_code: str
+    country: str
+
+
+class Card(StrictModel):
+    card_number: str
+    exp_month: int
+    exp_year: int
+    cvc: str
+
+
+class NewOrder(StrictModel):
+    items: list[Line] | None = None
+    from_cart: bool | None = None
+    shipping_address: Address
+    payment: Card
+    expected_total_cents: int | None = None
+
+
+class CartQuantity(StrictModel):
+    quantity: int
+
+
+def _check_address(address: Address) -> dict:
+    out = {}
+    for field, value in address.model_dump().items():
+        if value is None:
+            continue
+        value = value.strip()
+        limit = 2 if field == "country" else 200
+        if not value or len(value) > limit or (field == "country" and not value.isalpha()):
+            what = "a two-letter country code" if field == "country" else f"1 to {limit} characters"
+            raise errors.InvalidInput(f"shipping_address.{field}: must be {what}", code="invalid_field",
+                                      details={"field": f"shipping_address.{field}"})
+        out[field] = value.upper() if field == "country" else value
+    return out
+
+
+class CartHandler(BaseHandler):
+    async def get(self):
+        principal = self.require("customer")
+        self.write_json(await price_cart(self.ctx, principal.sub))
+
+
+async def price_cart(ctx, user_id: str) -> dict:
+    carts = ctx.deps["carts"]
+    lines = [(i["isbn"], i["quantity"]) for i in await carts.get(user_id)]
+    currency = ctx.settings.currency
+    if not lines:
+        return {"items": [], "subtotal_cents": 0, "discount_cents": 0, "total_cents": 0, "currency": currency}
+    books = await ctx.deps["catalog"].books([isbn for isbn, _ in lines])
+    gone = [isbn for isbn, _ in lines if isbn not in books]
+    if gone:  # books that left sale leave carts too
+        await carts.drop(user_id, gone)
+        lines = [(isbn, q) for isbn, q in lines if isbn in books]
+    promo = qualifies_for_promotion(lines) and not await ctx.deps["orders"].promotion_claimed(user_id)
+    priced = price(lines, books, currency, promo) if lines else None
+    if priced is None:
+        return {"items": [], "subtotal_cents": 0, "discount_cents": 0, "total_cents": 0, "currency": currency}
+    return {"items": [line.as_dict() for line in priced.items], "subtotal_cents": priced.subtotal_cents,
+            "discount_cents": priced.discount_cents, "total_cents": priced.total_cents, "currency": currency}
+
+
+class CartItemHandler(BaseHandler):
+    async def put(self, raw_isbn):
+        principal = self.require("customer")
+        isbn = normalize_isbn(raw_isbn)
+        quantity = self.json_body(CartQuantity).quantity
+        if not 0 <= quantity <= 100:
+            raise errors.InvalidInput("quantity: must be an integer from 0 to 100", code="invalid_field",
+                                      details={"field": "quantity"})
+        if quantity and await self.ctx.deps["catalog"].book(isbn) is None:
+            raise errors.NotFound("no such book", code="book_not_found")
+        if not await self.ctx.deps["carts"].set_quantity(principal.sub, isbn, quantity):
+            raise errors.Conflict("the cart is full", code="cart_full")
+        self.write_json(await price_cart(self.ctx, principal.sub))
+
+
+class OrdersHandler(BaseHandler):
+    async def get(self):
+        principal = self.require("customer", "staff")
+        status = self.get_query_argument("status", None)
+        if status is not None and status not in {s.value for s in OrderStatus}:
+            raise errors.InvalidInput("status: one of PENDING, CONFIRMED, SHIPPED, CANCELLED",
+                                      code="invalid_field", details={"field": "status"})
+        raw_limit = self.get_query_argument("limit", "20")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+            raise errors.InvalidInput("limit: must be an integer from 1 to 100", code="invalid_field",
+                                      details={"field": "limit"})
+        limit = int(raw_limit)
+        cursor = self.get_query_argument("cursor", None)
+        before = None
+        if cursor:
+            before = self.ctx.deps["cursors"].decode(cursor).get("before")
+            if not isinstance(before, str):
+                raise errors.InvalidInput("cursor: not a cursor this server issued", code="invalid_field")
+        user_id = None if principal.is_staff else principal.sub
+        docs = await self.ctx.deps["orders"].page(user_id, status, before, limit + 1)
+        more = len(docs) > limit
+        docs = docs[:limit]
+        next_cursor = self.ctx.deps["cursors"].encode({"before": docs[-1]["_id"]}) if more else None
+        self.write_json({"items": [order_view(d) for d in docs], "next_cursor": next_cursor})
+
+    async def post(self):
+        principal = self.require("customer")
+        key = self.request.headers.get("Idempotency-Key")
+        if not key or not _KEY.match(key):
+            raise errors.InvalidInput("Idempotency-Key header: required, 1 to 128 letters, digits or ._:-",
+                                      code="idempotency_key_required", details={"field": "Idempotency-Key"})
+        body = self.json_body(NewOrder)
+        cmd = await self.command(principal.sub, body)
+        fingerprint = hmac.new(self.ctx.settings.service_secret.encode(),
+                               json.dumps(self.json_body(), sort_keys=True).encode(), hashlib.sha256).hexdigest()
+        idem = self.ctx.deps["idempotency"]
+        order_id = new_order_id()
+        existing = await idem.begin(principal.sub, key, fingerprint, order_id)
+        if existing is not None:
+            await self.replay(existing, principal.sub, key, fingerprint)
+            return
+        status, payload = await self.place(order_id, cmd)
+        if status < 500 and status != 429:
+            await idem.finish(principal.sub, key, status, payload)
+        else:
+            await idem.forget(principal.sub, key)
+        self.send(status, payload)
+
+    async def command(self, user_id: str, body: NewOrder) -> PlaceOrder:
+        if (body.items is None) == (not body.from_cart):
+            raise errors.InvalidInput("items: give either items or from_cart: true", code="invalid_field",
+                                      details={"field": "items"})
+        if body.from_cart:
+            lines = [(i["isbn"], i["quantity"]) for i in await self.ctx.deps["carts"].get(user_id)]
+            if not lines:
+                raise errors.InvalidInput("from_cart: the cart is empty", code="cart_empty",
+                                          details={"field": "from_cart"})
+        else:
+            lines = [(normalize_isbn(line.isbn, f"items[{i}].isbn"), line.quantity)
+                     for i, line in enumerate(body.items)]
+        lines = merge_lines(lines)
+        card = body.payment
+        cards.validate_card(card.card_number, card.exp_month, card.exp_year, card.cvc,
+                            datetime.date.today())
+        if body.expected_total_cents is not None and body.expected_total_cents < 0:
+            raise errors.InvalidInput("expected_total_cents: must not be negative", code="invalid_field",
+                                      details={"field": "expected_total_cents"})
+        return PlaceOrder(user_id=user_id, lines=lines, shipping_address=_check_address(body.shipping_address),
+                          card=card.model_dump(), expected_total_cents=body.expected_total_cents,
+                          from_cart=bool(body.from_cart))
+
+    async def place(self, order_id: str, cmd: PlaceOrder) -> tuple[int, dict]:
+        """Run the saga; answer 201 if it ends in time, 202 PENDING if it is still running."""
+        checkout = self.ctx.deps["checkout"]
+        try:
+            order = await checkout.create(order_id, cmd)
+        except errors.DomainError as exc:
+            return status_of(exc), error_body(exc.code, exc.message, self.request_id, exc.details)
+        task = asyncio.ensure_future(checkout.run(order, cmd.card))
+        self.ctx.deps["sagas"].add(task)
+        task.add_done_callback(self.ctx.deps["sagas"].discard)
+        try:
+            done = await asyncio.wait_for(asyncio.shield(task), self.ctx.settings.checkout_wait)
+            return 201, order_view(done)
+        except asyncio.TimeoutError:
+            current = await self.ctx.deps["orders"].get(order_id)
+            return 202, order_view(current)
+        except errors.DomainError as exc:
+            details = dict(exc.details or {})
+            details.setdefault("order_id", order_id)
+            if exc.retry_after:
+                self.set_header("Retry-After", str(exc.retry_after))
+            return status_of(exc), error_body(exc.code, exc.message, self.request_id, details)
+
+    async def replay(self, record: dict, user_id: str, key: str, fingerprint: str) -> None:
+        if not hmac.compare_digest(record["fingerprint"], fingerprint):
+            raise errors.IdempotencyMismatch()
+        idem = self.ctx.deps["idempotency"]
+        deadline = asyncio.get_running_loop().time() + self.ctx.settings.checkout_wait + 5
+        while record is not None and record.get("response") is None:
+            if asyncio.get_running_loop().time() > deadline:
+                order = await self.ctx.deps["orders"].get(record["order_id"])
+                if order is None:
+                    raise errors.Conflict("the first request with this key is still running",
+                                          code="request_in_progress", retry_after=1)
+                self.send(202, order_view(order))
+                return
+            await asyncio.sleep(0.05)
+            record = await idem.get(user_id, key)
+        if record is None:  # the first attempt failed with a 5xx and may be retried
+            raise errors.Conflict("the first request with this key failed; retry", code="request_failed",
+                                  retry_after=1)
+        self.send(record["response"]["status"], record["response"]["body"])
+
+    def send(self, status: int, payload: dict) -> None:
+        if status in (503, 429) and not self._headers.get("Retry-After"):
+            self.set_header("Retry-After", "5")
+        self.write_json(payload, status)
+
+
+async def visible_order(handler: BaseHandler, order_id: str) -> dict:
+    """The order if the caller may see it; another customer's order is a 404, not a 403."""
+    principal = handler.require("customer", "staff")
+    order = await handler.ctx.deps["orders"].get(order_id)
+    if order is None or (not principal.is_staff and order["user_id"] != principal.sub):
+        raise errors.NotFound("no such order", code="order_not_found")
+    return order
+
+
+class OrderHandler(BaseHandler):
+    async def get(self, order_id):
+        self.write_json(order_view(await visible_order(self, order_id)))
+
+
+class CancelHandler(BaseHandler):
+    async def post(self, order_id):
+        order = await visible_order(self, order_id)
+        doc = await self.ctx.deps["checkout"].cancel_by_request(order)
+        self.write_json(order_view(doc))
+
+
+class ShipHandler(BaseHandler):
+    async def post(self, order_id):
+        self.require("staff")
+        order = await visible_order(self, order_id)
+        self.write_json(order_view(await self.ctx.deps["checkout"].ship(order)))
+
+
+class PaymentsLedgerHandler(BaseHandler):
+    async def get(self, order_id):
+        self.require("staff")
+        await visible_order(self, order_id)
+        self.write_json(await self.ctx.deps["payments"].ledger(order_id))
+
+
+class RecentOrdersHandler(BaseHandler):
+    """``GET /internal/orders/recent?user_id=`` (service): the newest orders, for dashboard snapshots."""
+
+    async def get(self):
+        self.require("service")
+        user_id = self.get_query_argument("user_id", None)
+        limit = min(int(self.get_query_argument("limit", "50") or 50), 200)
+        seq = await self.ctx.event_log.latest_seq()  # first: later events are newer than the snapshot
+        docs = await self.ctx.deps["orders"].recent(user_id, limit)
+        self.write_json({"items": [order_view(d) for d in docs], "seq": seq})
+
+
+class PurchasedHandler(BaseHandler):
+    async def get(self, user_id):
+        self.require("service")
+        self.write_json({"isbns": await self.ctx.deps["orders"].purchased(user_id)})
+
+
+def routes() -> list[tuple]:
+    return [
+        (r"/api/v1/cart", CartHandler),
+        (rf"/api/v1/cart/items/{ISBN}", CartItemHandler),
+        (r"/api/v1/orders", OrdersHandler),
+        (rf"/api/v1/orders/([^/]+)", OrderHandler),
+        (rf"/api/v1/orders/{_ORDER_ID}/cancel", CancelHandler),
+        (rf"/api/v1/orders/{_ORDER_ID}/ship", ShipHandler),
+        (rf"/api/v1/orders/{_ORDER_ID}/payments", PaymentsLedgerHandler),
+        (r"/internal/orders/recent", RecentOrdersHandler),
+        (r"/internal/users/([A-Za-z0-9_:-]{1,64})/purchased", PurchasedHandler),
+    ]

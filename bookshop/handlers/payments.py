@@ -1,0 +1,107 @@
+"""Payments service routes: a simulated card processor, behind service tokens only.
+
+Fault injection for tests and demos: ``BOOKSHOP_PAYMENTS_LATENCY_MS`` delays every charge and
+``BOOKSHOP_PAYMENTS_FAILURE_RATE`` answers that share of charges with a 503 (before anything is stored).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import random
+
+from bookshop.handlers.base import BaseHandler
+from bookshop.services import cards, errors
+from bookshop.validation import StrictModel
+
+log = logging.getLogger(__name__)
+
+
+class Card(StrictModel):
+    card_number: str
+    exp_month: int
+    exp_year: int
+    cvc: str
+
+
+class ChargeRequest(StrictModel):
+    order_id: str
+    amount_cents: int
+    currency: str
+    card: Card
+
+
+def charge_view(doc: dict) -> dict:
+    return {"order_id": doc["_id"], "status": doc["status"], "reason": doc.get("reason"),
+            "amount_cents": doc.get("amount_cents"), "currency": doc.get("currency"), "last4": doc.get("last4"),
+            "refunded": doc.get("refunded", False),
+            "ledger": [{"kind": e["kind"], "amount_cents": e["amount_cents"],
+                        "at": e["at"].isoformat(timespec="milliseconds").replace("+00:00", "Z")}
+                       for e in doc.get("ledger", [])]}
+
+
+class ChargesHandler(BaseHandler):
+    async def post(self):
+        self.require("service")
+        body = self.json_body(ChargeRequest)
+        settings = self.ctx.settings
+        if settings.payments_latency_ms:
+            await asyncio.sleep(settings.payments_latency_ms / 1000)
+        if settings.payments_failure_rate and random.random() < settings.payments_failure_rate:
+            raise errors.Unavailable("card processor unavailable (injected fault)", retry_after=1)
+        card = body.card
+        cards.validate_card(card.card_number, card.exp_month, card.exp_year, card.cvc,
+                            datetime.date.today())
+        if not 0 < body.amount_cents <= 100_000_000 or body.currency != settings.currency:
+            raise errors.InvalidInput("amount_cents/currency: invalid amount", code="invalid_field",
+                                      details={"field": "amount_cents"})
+        decision = cards.card_decision(card.card_number)
+        status = "charged" if decision == cards.APPROVED else "declined"
+        repo = self.ctx.deps["charges"]
+        doc, created = await repo.record(body.order_id, body.amount_cents, body.currency,
+                                         cards.last4(card.card_number), status,
+                                         None if status == "charged" else decision)
+        if doc["status"] == "voided":
+            raise errors.Conflict("this order's payment was voided", code="charge_voided")
+        if created:
+            self.ctx.metrics.count(f"charges_{status}")
+            log.info("order %s: %s %d %s (card ending %s)", body.order_id, status, body.amount_cents,
+                     body.currency, doc["last4"])
+        self.write_json(charge_view(doc), 201 if created else 200)
+
+
+class ChargeHandler(BaseHandler):
+    async def get(self, order_id):
+        self.require("service")
+        doc = await self.ctx.deps["charges"].get(order_id)
+        if doc is None:
+            raise errors.NotFound("no charge for this order", code="charge_not_found")
+        self.write_json(charge_view(doc))
+
+
+class RefundHandler(BaseHandler):
+    async def post(self, order_id):
+        self.require("service")
+        repo = self.ctx.deps["charges"]
+        while True:
+            doc = await repo.refund(order_id)
+            if doc is not None:
+                self.ctx.metrics.count("refunds")
+                log.info("order %s refunded", order_id)
+                break
+            doc = await repo.get(order_id)
+            if doc is not None:
+                break  # declined, voided or refunded already
+            if await repo.void(order_id):  # never charged: make sure a late charge is refused
+                doc = await repo.get(order_id)
+                break
+            # a charge landed between our read and the void: go round and refund it
+        self.write_json(charge_view(doc))
+
+
+def routes() -> list[tuple]:
+    return [
+        (r"/internal/charges", ChargesHandler),
+        (r"/internal/charges/([A-Za-z0-9_-]{1,64})", ChargeHandler),
+        (r"/internal/charges/([A-Za-z0-9_-]{1,64})/refund", RefundHandler),
+    ]

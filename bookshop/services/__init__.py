@@ -1,0 +1,1 @@
+"""The shop itself: plain Python rules, no Tornado, motor or aiohttp."""

@@ -1,0 +1,260 @@
+"""The checkout saga and its recovery.
+
+``POST /orders`` is an orchestrated saga: price → create the PENDING order (claiming the promotion) →
+reserve stock → charge → commit the reservation → CONFIRMED. The order document is the saga's state: its
+status, a lease saying who drives it, and ``todo`` — compensations still owed (``payment``: refund or void;
+``stock``: release or put back). Every step is idempotent per order id on the upstream side (inventory
+dedupes reservations, payments dedupes charges), so whoever picks an order up can safely repeat a step.
+
+The card number lives only in the request's memory: it is never stored, so a saga that lost its process
+before the charge cannot be driven forward and is compensated instead (void the payment, release stock).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from bookshop.services import errors
+from bookshop.services.orders import OrderStatus, PaymentStatus, price, qualifies_for_promotion
+
+log = logging.getLogger(__name__)
+
+OPEN = [OrderStatus.PENDING]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlaceOrder:
+    user_id: str
+    lines: list[tuple[str, int]]
+    shipping_address: dict
+    card: dict
+    expected_total_cents: int | None
+    from_cart: bool
+
+
+class Checkout:
+    def __init__(self, repo, catalog, inventory, payments, currency: str, lease_seconds: float, metrics=None,
+                 kick=lambda: None, new_id=None, now=None):
+        self.repo = repo
+        self.catalog = catalog
+        self.inventory = inventory
+        self.payments = payments
+        self.currency = currency
+        self.lease = lease_seconds
+        self.metrics = metrics
+        self.kick = kick
+        self.new_id = new_id
+        self.now = now
+
+    def _count(self, name: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count(name)
+
+    # -- placing an order -------------------------------------------------------------------------------
+    async def create(self, order_id: str, cmd: PlaceOrder) -> dict:
+        """Price the order and store it PENDING (raises before anything is stored when it cannot be)."""
+        if self.payments.is_open:
+            # payments is known to be down: fail fast, before any stock is held
+            raise errors.Unavailable("payments are unavailable; try again shortly", retry_after=5)
+        books = await self.catalog.books([isbn for isbn, _ in cmd.lines])
+        for attempt in range(2):
+            wants_promotion = qualifies_for_promotion(cmd.lines) and not await self.repo.promotion_claimed(
+                cmd.user_id)
+            priced = price(cmd.lines, books, self.currency, wants_promotion)
+            if cmd.expected_total_cents is not None and cmd.expected_total_cents != priced.total_cents:
+                raise errors.Conflict("the price changed", code="price_changed",
+                                      details={"total_cents": priced.total_cents})
+            now = self.now()
+            doc = {
+                "_id": order_id, "user_id": cmd.user_id, "status": OrderStatus.PENDING.value,
+                "items": [line.as_dict() for line in priced.items], "subtotal_cents": priced.subtotal_cents,
+                "discount_cents": priced.discount_cents, "total_cents": priced.total_cents,
+                "currency": priced.currency, "promotion_applied": priced.promotion_applied,
+                "shipping_address": cmd.shipping_address,
+                "payment": {"status": PaymentStatus.NONE.value, "last4": cmd.card["card_number"][-4:]},
+                "history": [{"status": OrderStatus.PENDING.value, "at": now}], "created_at": now,
+                "from_cart": cmd.from_cart, "open": True, "todo": [],
+                "saga_lease": now + _seconds(self.lease),
+            }
+            if await self.repo.create(doc, claim_promotion=priced.promotion_applied):
+                self.kick()
+                self._count("orders_created")
+                return doc
+            # another order took the promotion between our check and our claim: price again without it
+        raise errors.Conflict("could not create the order; retry", code="conflict")
+
+    async def run(self, order: dict, card: dict) -> dict:
+        """Drive a freshly created order to a decision. Returns the order; raises OutOfStock,
+        PaymentDeclined or Unavailable (with the order already CANCELLED) when it fails."""
+        order_id = order["_id"]
+        lines = [{"isbn": i["isbn"], "quantity": i["quantity"]} for i in order["items"]]
+        try:
+            reservation = await self.inventory.reserve(order_id, lines)
+        except errors.Unavailable:
+            await self.cancel(order, "inventory_unavailable", todo=["stock"])
+            raise
+        if reservation["state"] != "held":
+            short = reservation.get("short", [])
+            await self.cancel(order, "out_of_stock", todo=["stock"])
+            self._count("orders_out_of_stock")
+            raise errors.OutOfStock("not enough stock", details={"order_id": order_id, "items": short})
+        await self.repo.extend_lease(order_id, self.lease)
+        try:
+            charge = await self.payments.charge(order_id, order["total_cents"], order["currency"], card)
+        except errors.Unavailable:
+            # the charge may or may not have happened: void/refund it (now or by recovery), give stock back
+            await self.cancel(order, "payment_unavailable", todo=["payment", "stock"])
+            self._count("orders_payment_unavailable")
+            raise errors.Unavailable("payments are unavailable; nothing was charged", retry_after=5,
+                                     details={"order_id": order_id}) from None
+        except errors.Conflict:  # voided by a recovery that thought we were dead
+            await self.cancel(order, "checkout_interrupted", todo=["payment", "stock"])
+            raise errors.Conflict("checkout interrupted; retry", code="checkout_interrupted",
+                                  details={"order_id": order_id}) from None
+        if charge["status"] != "charged":
+            await self.cancel(order, "payment_declined", todo=["stock"],
+                              payment_status=PaymentStatus.DECLINED)
+            self._count("orders_declined")
+            raise errors.PaymentDeclined(details={"order_id": order_id, "reason": charge.get("reason")})
+        return await self.confirm(order)
+
+    async def confirm(self, order: dict) -> dict:
+        """Commit the reservation and confirm a charged order."""
+        order_id = order["_id"]
+        try:
+            committed = (await self.inventory.commit(order_id)).get("state") == "committed"
+        except errors.Conflict:
+            committed = False
+        if not committed:
+            # the reservation expired (or never existed) before we could commit: refund and cancel
+            await self.cancel(order, "reservation_expired", todo=["payment", "stock"])
+            raise errors.OutOfStock("the stock reservation expired", details={"order_id": order_id, "items": []})
+        doc = await self.repo.transition(order_id, OPEN, OrderStatus.CONFIRMED,
+                                         set_fields={"payment.status": PaymentStatus.CHARGED.value},
+                                         clear_cart=order.get("from_cart", False))
+        if doc is None:
+            # cancelled meanwhile (by its customer or staff): that cancel owes the refund and stock
+            doc = await self.repo.get(order_id)
+        else:
+            self._count("orders_confirmed")
+        self.kick()
+        return doc
+
+    # -- cancelling and compensating --------------------------------------------------------------------
+    async def cancel(self, order: dict, reason: str, todo: list[str],
+                     payment_status: PaymentStatus | None = None, from_status=None) -> dict | None:
+        fields = {"payment.status": payment_status.value} if payment_status else None
+        doc = await self.repo.transition(order["_id"], from_status or OPEN, OrderStatus.CANCELLED, reason=reason,
+                                         set_fields=fields, todo=todo, release_promotion=True)
+        self.kick()
+        if doc is not None:
+            doc = await self.compensate(doc)
+        return doc
+
+    async def compensate(self, doc: dict) -> dict:
+        """Pay what a cancelled order still owes (``todo``); what fails stays for recovery."""
+        order_id = doc["_id"]
+        for item in list(doc.get("todo", [])):
+            try:
+                if item == "payment":
+                    result = await self.payments.refund(order_id)
+                    status = doc["payment"]["status"]
+                    if result.get("refunded"):
+                        status = PaymentStatus.REFUNDED.value
+                    elif status == PaymentStatus.CHARGED.value:
+                        status = PaymentStatus.NONE.value
+                    doc = await self.repo.done_todo(order_id, item, {"payment.status": status}) or doc
+                elif item == "stock":
+                    result = await self.inventory.release(order_id)
+                    if result.get("state") == "committed":
+                        await self.inventory.put_back(order_id)
+                    doc = await self.repo.done_todo(order_id, item) or doc
+            except errors.Conflict as exc:
+                if exc.code == "reservation_not_held" and item == "stock":
+                    state = (exc.details or {}).get("state")
+                    if state == "committed":
+                        await self.inventory.put_back(order_id)
+                    doc = await self.repo.done_todo(order_id, item) or doc
+                else:
+                    log.warning("order %s: compensation %s refused: %s", order_id, item, exc.code)
+            except errors.Unavailable:
+                log.warning("order %s: compensation %s postponed (upstream unavailable)", order_id, item)
+        self.kick()
+        return doc
+
+    async def cancel_by_request(self, order: dict) -> dict:
+        """A customer or staff cancel: before shipping only; refund and restock."""
+        status = OrderStatus(order["status"])
+        if status not in (OrderStatus.PENDING, OrderStatus.CONFIRMED):
+            raise errors.Conflict(f"an order that is {status.value} cannot be cancelled",
+                                  code="invalid_status_transition", details={"status": status.value})
+        doc = await self.cancel(order, "cancelled_by_request", todo=["payment", "stock"],
+                                from_status=[OrderStatus.PENDING, OrderStatus.CONFIRMED])
+        if doc is None:
+            current = await self.repo.get(order["_id"])
+            raise errors.Conflict(f"an order that is {current['status']} cannot be cancelled",
+                                  code="invalid_status_transition", details={"status": current["status"]})
+        self._count("orders_cancelled")
+        return doc
+
+    async def ship(self, order: dict) -> dict:
+        doc = await self.repo.transition(order["_id"], [OrderStatus.CONFIRMED], OrderStatus.SHIPPED)
+        if doc is None:
+            raise errors.Conflict(f"only a CONFIRMED order can be shipped (this one is {order['status']})",
+                                  code="invalid_status_transition", details={"status": order["status"]})
+        self.kick()
+        self._count("orders_shipped")
+        return doc
+
+    # -- recovery -----------------------------------------------------------------------------------------
+    async def recover(self) -> int:
+        """Drive forward or compensate every open order whose owner's lease ran out."""
+        count = 0
+        for candidate in await self.repo.unfinished():
+            order = await self.repo.take_lease(candidate["_id"], self.lease)
+            if order is None:
+                continue  # another instance took it
+            try:
+                await self._recover_one(order)
+                count += 1
+            except errors.DomainError as exc:
+                log.warning("order %s: recovery postponed: %s", order["_id"], exc.code)
+        return count
+
+    async def _recover_one(self, order: dict) -> None:
+        order_id = order["_id"]
+        if order["status"] != OrderStatus.PENDING.value:
+            await self.compensate(order)
+            return
+        ledger = await self.payments.status(order_id)
+        if ledger is not None and ledger["status"] == "charged" and not ledger.get("refunded"):
+            log.info("recovery: order %s was charged; confirming", order_id)
+            try:
+                await self.confirm(order)
+            except errors.OutOfStock:
+                pass  # cancelled and refunded by confirm()
+        elif ledger is not None and ledger["status"] == "declined":
+            await self.cancel(order, "payment_declined", todo=["stock"], payment_status=PaymentStatus.DECLINED)
+        else:
+            log.info("recovery: order %s was interrupted before payment; compensating", order_id)
+            await self.cancel(order, "checkout_interrupted", todo=["payment", "stock"])
+        self._count("orders_recovered")
+
+    async def recover_forever(self, stop: asyncio.Event, every: float = 2.0) -> None:
+        while not stop.is_set():
+            try:
+                await self.recover()
+            except errors.DomainError as exc:
+                log.warning("recovery pass failed: %s", exc.code)
+            except Exception:  # noqa: BLE001 - the loop must outlive a bad pass (e.g. database down)
+                log.exception("recovery pass failed")
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except asyncio.TimeoutError:
+                pass
+
+
+def _seconds(value: float):
+    import datetime
+    return datetime.timedelta(seconds=value)

@@ -1,0 +1,114 @@
+"""Orders: statuses and their transitions, pricing with the "buy two, get one free" promotion."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from bookshop.services.errors import Conflict, InvalidInput
+
+MAX_COPIES_PER_LINE = 100
+MAX_LINES = 50
+PROMOTION_MIN_COPIES = 3
+
+
+class OrderStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    CONFIRMED = "CONFIRMED"
+    SHIPPED = "SHIPPED"
+    CANCELLED = "CANCELLED"
+
+
+class PaymentStatus(str, enum.Enum):
+    NONE = "none"
+    CHARGED = "charged"
+    DECLINED = "declined"
+    REFUNDED = "refunded"
+
+
+TRANSITIONS = {
+    OrderStatus.PENDING: {OrderStatus.CONFIRMED, OrderStatus.CANCELLED},
+    OrderStatus.CONFIRMED: {OrderStatus.SHIPPED, OrderStatus.CANCELLED},
+    OrderStatus.SHIPPED: set(),
+    OrderStatus.CANCELLED: set(),
+}
+
+
+def check_transition(current: OrderStatus, target: OrderStatus) -> None:
+    if target not in TRANSITIONS[current]:
+        raise Conflict(f"an order that is {current.value} cannot become {target.value}",
+                       code="invalid_status_transition", details={"status": current.value})
+
+
+@dataclasses.dataclass(frozen=True)
+class PricedLine:
+    isbn: str
+    title: str
+    quantity: int
+    unit_price_cents: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Price:
+    items: tuple[PricedLine, ...]
+    subtotal_cents: int
+    discount_cents: int
+    currency: str
+
+    @property
+    def total_cents(self) -> int:
+        return self.subtotal_cents - self.discount_cents
+
+    @property
+    def copies(self) -> int:
+        return sum(line.quantity for line in self.items)
+
+    @property
+    def promotion_applied(self) -> bool:
+        return self.discount_cents > 0
+
+
+def merge_lines(lines: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """One line per ISBN, in first-seen order; quantities checked."""
+    if not 1 <= len(lines) <= MAX_LINES:
+        raise InvalidInput(f"items: give 1 to {MAX_LINES} lines", code="invalid_field", details={"field": "items"})
+    merged: dict[str, int] = {}
+    for i, (isbn, qty) in enumerate(lines):
+        if not 1 <= qty <= MAX_COPIES_PER_LINE:
+            raise InvalidInput(f"items[{i}].quantity: must be an integer from 1 to {MAX_COPIES_PER_LINE}",
+                               code="invalid_field", details={"field": f"items[{i}].quantity"})
+        merged[isbn] = merged.get(isbn, 0) + qty
+    if any(q > MAX_COPIES_PER_LINE for q in merged.values()):
+        raise InvalidInput(f"items: at most {MAX_COPIES_PER_LINE} copies of one book", code="invalid_field",
+                           details={"field": "items"})
+    return list(merged.items())
+
+
+def promotion_discount(lines: list[PricedLine]) -> int:
+    """Buy two, get one free: with three or more copies in total, the cheapest copy is free."""
+    if sum(line.quantity for line in lines) < PROMOTION_MIN_COPIES:
+        return 0
+    return min(line.unit_price_cents for line in lines)
+
+
+def price(lines: list[tuple[str, int]], books: dict[str, dict], currency: str, with_promotion: bool) -> Price:
+    """Price order lines from the catalogue's current books (never from the client)."""
+    missing = [isbn for isbn, _ in lines if isbn not in books]
+    if missing:
+        raise Conflict("some books are not for sale", code="book_unavailable", details={"isbns": missing})
+    priced = []
+    for isbn, qty in lines:
+        book = books[isbn]
+        if book["currency"] != currency:
+            raise Conflict("a book is priced in another currency", code="book_unavailable",
+                           details={"isbns": [isbn]})
+        priced.append(PricedLine(isbn, book["title"], qty, book["price_cents"]))
+    subtotal = sum(line.unit_price_cents * line.quantity for line in priced)
+    discount = promotion_discount(priced) if with_promotion else 0
+    return Price(tuple(priced), subtotal, discount, currency)
+
+
+def qualifies_for_promotion(lines: list[tuple[str, int]]) -> bool:
+    return sum(q for _, q in lines) >= PROMOTION_MIN_COPIES

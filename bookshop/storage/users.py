@@ -1,0 +1,138 @@
+"""The users service's collections: accounts, refresh tokens, signing keys, login attempts."""
+from __future__ import annotations
+
+import datetime
+
+import pymongo
+from bson import ObjectId
+
+from bookshop.storage.mongo import DuplicateKeyError
+from bookshop.storage.outbox import utcnow
+
+
+class UserRepo:
+    def __init__(self, db):
+        self.users = db["users"]
+
+    async def create_indexes(self) -> None:
+        await self.users.create_index("email", unique=True)
+
+    async def add(self, email: str, name: str, password_hash: str, role: str = "customer") -> dict | None:
+        """The new user, or None when the (normalised) email is taken."""
+        doc = {"_id": str(ObjectId()), "email": email, "name": name, "role": role,
+               "password_hash": password_hash, "created_at": utcnow()}
+        try:
+            await self.users.insert_one(doc)
+        except DuplicateKeyError:
+            return None
+        return doc
+
+    async def by_email(self, email: str) -> dict | None:
+        return await self.users.find_one({"email": email})
+
+    async def by_id(self, user_id: str) -> dict | None:
+        return await self.users.find_one({"_id": user_id})
+
+    async def set_hash(self, user_id: str, password_hash: str) -> None:
+        await self.users.update_one({"_id": user_id}, {"$set": {"password_hash": password_hash}})
+
+    async def ensure_staff(self, email: str, name: str, password_hash: str) -> None:
+        await self.users.update_one(
+            {"email": email},
+            {"$set": {"role": "staff", "password_hash": password_hash},
+             "$setOnInsert": {"_id": str(ObjectId()), "name": name, "created_at": utcnow()}},
+            upsert=True)
+
+
+class RefreshTokenRepo:
+    """Refresh tokens, stored hashed. Each belongs to a family (one login); reusing a used one revokes it."""
+
+    def __init__(self, db):
+        self.tokens = db["refresh_tokens"]
+
+    async def create_indexes(self) -> None:
+        await self.tokens.create_index("family")
+        await self.tokens.create_index("expires_at", expireAfterSeconds=0)
+
+    async def add(self, token_hash: str, user_id: str, family: str, expires_at: datetime.datetime) -> None:
+        await self.tokens.insert_one({"_id": token_hash, "user_id": user_id, "family": family,
+                                      "expires_at": expires_at, "used_at": None, "revoked": False})
+
+    async def use(self, token_hash: str) -> tuple[str, dict | None]:
+        """Mark a token used, once. Returns ("ok", doc), ("reused", doc) or ("unknown", None)."""
+        now = utcnow()
+        doc = await self.tokens.find_one_and_update(
+            {"_id": token_hash, "used_at": None, "revoked": False, "expires_at": {"$gt": now}},
+            {"$set": {"used_at": now}})
+        if doc is not None:
+            return "ok", doc
+        doc = await self.tokens.find_one({"_id": token_hash})
+        if doc is not None and doc.get("used_at") is not None:
+            return "reused", doc
+        return "unknown", None
+
+    async def revoke_family(self, family: str) -> None:
+        await self.tokens.update_many({"family": family}, {"$set": {"revoked": True}})
+
+
+class KeyRepo:
+    """Signing keys. Exactly one is active; retired ones stay published until their tokens expire."""
+
+    def __init__(self, db):
+        self.keys = db["signing_keys"]
+
+    async def active(self) -> dict | None:
+        return await self.keys.find_one({"active": True}, sort=[("created_at", -1)])
+
+    async def add_first(self, key: dict) -> None:
+        """Store the first key; a concurrent first start of another instance wins harmlessly."""
+        try:
+            await self.keys.insert_one({"_id": "first", **key, "active": True, "created_at": utcnow(),
+                                        "retire_at": None})
+        except DuplicateKeyError:
+            pass
+
+    async def rotate(self, key: dict, keep_old_for: datetime.timedelta) -> None:
+        now = utcnow()
+        await self.keys.update_many({"active": True},
+                                    {"$set": {"active": False, "retire_at": now + keep_old_for}})
+        await self.keys.insert_one({"_id": key["kid"], **key, "active": True, "created_at": now,
+                                    "retire_at": None})
+
+    async def published(self) -> list[dict]:
+        now = utcnow()
+        cursor = self.keys.find({"$or": [{"active": True}, {"retire_at": {"$gt": now}}]},
+                                {"public_jwk": 1}).sort("created_at", pymongo.DESCENDING)
+        return [d["public_jwk"] for d in await cursor.to_list(20)]
+
+
+class LoginAttemptRepo:
+    """Failed-login counters per email and per client address, kept in the database so every users
+    instance (and a restarted one) sees the same numbers."""
+
+    def __init__(self, db):
+        self.attempts = db["login_attempts"]
+
+    async def create_indexes(self) -> None:
+        await self.attempts.create_index("expires_at", expireAfterSeconds=0)
+
+    async def locked_for(self, key: str) -> float:
+        """Seconds until ``key`` may try again (0 when it may)."""
+        doc = await self.attempts.find_one({"_id": key}, {"locked_until": 1})
+        if doc and doc.get("locked_until"):
+            left = (doc["locked_until"] - utcnow()).total_seconds()
+            return max(0.0, left)
+        return 0.0
+
+    async def fail(self, key: str, limit: int, lock: datetime.timedelta, window: datetime.timedelta) -> None:
+        now = utcnow()
+        doc = await self.attempts.find_one_and_update(
+            {"_id": key}, {"$inc": {"failures": 1}, "$set": {"expires_at": now + window}},
+            upsert=True, return_document=pymongo.ReturnDocument.AFTER)
+        if doc["failures"] >= limit:
+            await self.attempts.update_one({"_id": key}, {"$set": {"locked_until": now + lock,
+                                                                   "expires_at": now + lock + window},
+                                                          "$unset": {"failures": ""}})
+
+    async def succeed(self, key: str) -> None:
+        await self.attempts.delete_one({"_id": key})

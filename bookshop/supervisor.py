@@ -1,0 +1,190 @@
+"""All-in-one mode: the embedded database and one OS process per service, supervised.
+
+A service that dies is logged and restarted with backoff. SIGTERM/SIGINT stops the services (each drains
+its in-flight requests), then the database, within 15 s. Children die with the supervisor even when it is
+killed with -9 (``PR_SET_PDEATHSIG``), and the data-dir lock is an ``flock`` the kernel drops with the
+process, so the next start always works.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from bookshop import SERVICES
+from bookshop.embedded_db import EmbeddedDatabase, EmbeddedDatabaseError
+from bookshop.procs import die_with_parent
+from bookshop.settings import Settings
+
+log = logging.getLogger("bookshop.supervisor")
+
+RUN_PY = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "run.py"))
+STOP_SERVICES_WITHIN = 11.0
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``<data_dir>/run.lock``: one run.py per data dir."""
+
+    def __init__(self, data_dir: str):
+        os.makedirs(data_dir, exist_ok=True)
+        self.path = os.path.join(data_dir, "run.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 64).decode().strip() or "?"
+            finally:
+                os.close(fd)
+            raise AlreadyRunning(f"another bookshop (pid {holder}) is already running on {os.path.dirname(self.path)}")
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Child:
+    def __init__(self, name: str, port: int, env: dict):
+        self.name = name
+        self.port = port
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.backoff = 0.5
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, RUN_PY, "--service", self.name, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
+                                     preexec_fn=die_with_parent(), start_new_session=True)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings):
+        self.settings = settings.with_secret()
+        self.lock = DataDirLock(settings.data_dir)
+        self.db: EmbeddedDatabase | None = None
+        self.children: list[Child] = []
+        self._stopping = False
+
+    def _child_env(self, mongodb_uri: str) -> dict:
+        env = dict(os.environ)
+        env["MONGODB_URI"] = mongodb_uri
+        env["BOOKSHOP_SERVICE_SECRET"] = self.settings.service_secret
+        env["PYTHONUNBUFFERED"] = "1"
+        for name in SERVICES:
+            env.setdefault(f"BOOKSHOP_{name.upper()}_URL", self.settings.url(name))
+        return env
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        self.lock.acquire()
+        started = time.monotonic()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            uri = self.settings.mongodb_uri
+            if uri is None:
+                path = os.path.abspath(os.path.join(self.settings.data_dir, "db"))
+                self.db = EmbeddedDatabase(path, log_path=os.path.join(self.settings.data_dir, "db.log"))
+                uri = self.db.start()
+                log.info("embedded database ready on port %d (data in %s)", self.db.port, path)
+            env = self._child_env(uri)
+            # users first: the others fetch its keys; they retry anyway, so start all at once
+            for name in SERVICES:
+                child = Child(name, self.settings.port(name), env)
+                child.start()
+                self.children.append(child)
+            self._announce_when_ready(started)
+            self._watch()
+        except EmbeddedDatabaseError as exc:
+            print(f"bookshop: error: {exc}", file=sys.stderr)
+            self._shutdown()
+            return 2
+        finally:
+            self.lock.release()
+        return 0
+
+    def _announce_when_ready(self, started: float, timeout: float = 60.0) -> None:
+        pending = {c.name: c for c in self.children}
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline and not self._stopping:
+            for name, child in list(pending.items()):
+                url = f"http://{self._probe_host()}:{child.port}/readyz"
+                try:
+                    with urllib.request.urlopen(url, timeout=0.5) as resp:
+                        if resp.status == 200:
+                            del pending[name]
+                except (urllib.error.URLError, OSError):
+                    pass
+            if pending:
+                time.sleep(0.05)
+            self._reap()
+        if not pending:
+            log.info("bookshop ready in %.2fs: dashboard and API at http://%s:%d/",
+                     time.monotonic() - started, self.settings.host, self.settings.port("gateway"))
+
+    def _probe_host(self) -> str:
+        return "127.0.0.1" if self.settings.host in ("0.0.0.0", "", "*") else self.settings.host
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is not None and child.restart_at is None:
+                code = child.proc.returncode
+                if now - child.started_at > 30:
+                    child.backoff = 0.5
+                child.restart_at = now + child.backoff
+                log.error("service %s exited with code %s; restarting in %.1fs", child.name, code, child.backoff)
+                child.backoff = min(child.backoff * 2, 10.0)
+            elif child.restart_at is not None and now >= child.restart_at and not self._stopping:
+                log.info("restarting service %s", child.name)
+                child.start()
+
+    def _watch(self) -> None:
+        while not self._stopping:
+            self._reap()
+            time.sleep(0.1)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        log.info("stopping services")
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SERVICES_WITHIN
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("service %s did not stop in time; killing it", child.name)
+                child.proc.kill()
+                child.proc.wait()
+        if self.db is not None:
+            log.info("stopping the embedded database")
+            self.db.stop(timeout=3.0)
+        log.info("bookshop stopped")
+

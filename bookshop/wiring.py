@@ -1,0 +1,258 @@
+"""Wiring: for each service, its repositories, domain services, clients, background tasks and routes.
+
+This is the one place that knows how the parts fit; handlers get what they need through ``ctx.deps``.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+
+from bookshop.app import ServiceContext, make_app
+from bookshop.auth import TokenVerifier
+from bookshop.clients import services as clients
+from bookshop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _client(ctx: ServiceContext, cls, service: str, **kw):
+    return cls(ctx.http, ctx.settings.url(service), ctx.tokens, timeout=ctx.settings.upstream_timeout, **kw)
+
+
+async def _every(ctx: ServiceContext, seconds: float, work, name: str) -> None:
+    while not ctx.stop.is_set():
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a periodic job must survive a bad pass (db down, ...)
+            log.warning("%s pass failed: %s", name, exc)
+        try:
+            await asyncio.wait_for(ctx.stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def _users(ctx: ServiceContext) -> list:
+    from bookshop.handlers import users
+    from bookshop.services import accounts
+    from bookshop.storage.users import KeyRepo, LoginAttemptRepo, RefreshTokenRepo, UserRepo
+    db = ctx.db
+    repos = {"users": UserRepo(db), "refresh_tokens": RefreshTokenRepo(db), "keys": KeyRepo(db),
+             "login_attempts": LoginAttemptRepo(db)}
+    ctx.deps.update(repos)
+    for name in ("users", "refresh_tokens", "login_attempts"):
+        await repos[name].create_indexes()
+    if await repos["keys"].active() is None:
+        await repos["keys"].add_first(await asyncio.get_running_loop().run_in_executor(None,
+                                                                                     accounts.new_signing_key))
+
+    async def local_jwks():
+        return {"keys": await repos["keys"].published()}
+    ctx.verifier = TokenVerifier(local_jwks)
+    ctx.deps["issuer"] = users.TokenIssuer(ctx)
+    settings = ctx.settings
+    if settings.admin_email:
+        email = accounts.normalize_email(settings.admin_email)
+        existing = await repos["users"].by_email(email)
+        if existing is None or existing["role"] != "staff" or not accounts.verify_password(
+                existing["password_hash"], settings.admin_password):
+            hashed = accounts.hash_password(settings.admin_password)
+            await repos["users"].ensure_staff(email, "Shop staff", hashed)
+            log.info("staff account ensured for the configured admin email")
+    return users.routes()
+
+
+async def _catalog(ctx: ServiceContext) -> list:
+    from bookshop.handlers import catalog
+    from bookshop.services import demo_data
+    from bookshop.services.catalog import CursorCodec, search_words
+    from bookshop.storage.catalog import BookRepo
+    ctx.use_remote_keys()
+    ctx.use_event_log()
+    await ctx.event_log.create_indexes()
+    books = BookRepo(ctx.db, ctx.event_log)
+    await books.create_indexes()
+    ctx.deps.update(books=books, cursors=CursorCodec(ctx.settings.service_secret or "bookshop"))
+    if ctx.settings.demo_data:
+        seeded = await books.seed([{**b, **search_words(b)} for b in demo_data.demo_books()])
+        if seeded:
+            log.info("seeded the demo catalogue (%d books)", seeded)
+    return catalog.routes()
+
+
+async def _inventory(ctx: ServiceContext) -> list:
+    from bookshop.handlers import inventory
+    from bookshop.services import demo_data
+    from bookshop.services.inventory import Reservations
+    from bookshop.storage.inventory import LevelRepo, ReservationRepo
+    from bookshop.storage.outbox import utcnow
+    ctx.use_remote_keys()
+    levels = LevelRepo(ctx.db)
+    headers = ReservationRepo(ctx.db)
+    ctx.use_event_log(embedded=[levels.pending_events])
+    await ctx.event_log.create_indexes()
+    await levels.create_indexes()
+    await headers.create_indexes()
+    reservations = Reservations(levels, headers, ctx.settings.reservation_ttl, ctx.db.transaction, utcnow)
+    ctx.deps.update(levels=levels, reservation_headers=headers, reservations=reservations,
+                    catalog=_client(ctx, clients.CatalogClient, "catalog"))
+    if ctx.settings.demo_data:
+        seeded = await levels.seed(demo_data.demo_stock_levels(demo_data.demo_books()))
+        if seeded:
+            log.info("seeded demo stock for %d books", seeded)
+
+    async def sweep():
+        if await reservations.sweep():
+            ctx.relay.kick()
+    ctx.spawn(_every(ctx, min(5.0, max(0.2, ctx.settings.reservation_ttl / 4)), sweep, "reservation sweep"),
+              "sweeper")
+    return inventory.routes()
+
+
+async def _orders(ctx: ServiceContext) -> list:
+    from bookshop.handlers import orders
+    from bookshop.services.catalog import CursorCodec
+    from bookshop.services.checkout import Checkout
+    from bookshop.storage.orders import CartRepo, IdempotencyRepo, OrderRepo
+    from bookshop.storage.outbox import utcnow
+    ctx.use_remote_keys()
+    ctx.use_event_log()
+    await ctx.event_log.create_indexes()
+    repo = OrderRepo(ctx.db, ctx.event_log)
+    idem = IdempotencyRepo(ctx.db)
+    await repo.create_indexes()
+    await idem.create_indexes()
+    catalog = _client(ctx, clients.CatalogClient, "catalog")
+    inventory = _client(ctx, clients.InventoryClient, "inventory")
+    payments = _client(ctx, clients.PaymentsClient, "payments", failure_threshold=3, recovery_timeout=3.0)
+    checkout = Checkout(repo, catalog, inventory, payments, ctx.settings.currency, ctx.settings.saga_lease,
+                        metrics=ctx.metrics, kick=ctx.relay.kick, now=utcnow)
+    sagas: set = set()
+    ctx.deps.update(orders=repo, carts=CartRepo(ctx.db), idempotency=idem, catalog=catalog, inventory=inventory,
+                    payments=payments, checkout=checkout, sagas=sagas,
+                    cursors=CursorCodec(ctx.settings.service_secret or "bookshop"))
+    ctx.spawn(checkout.recover_forever(ctx.stop), "saga recovery")
+
+    async def finish_sagas():
+        if sagas:
+            await asyncio.wait(list(sagas), timeout=8.0)
+    ctx.on_shutdown.insert(0, finish_sagas)
+    return orders.routes()
+
+
+async def _payments(ctx: ServiceContext) -> list:
+    from bookshop.handlers import payments
+    from bookshop.storage.payments import ChargeRepo
+    ctx.use_remote_keys()
+    ctx.deps["charges"] = ChargeRepo(ctx.db)
+    return payments.routes()
+
+
+async def _recommendations(ctx: ServiceContext) -> list:
+    from bookshop.handlers import recommendations
+    ctx.use_remote_keys()
+    ctx.deps.update(catalog=_client(ctx, clients.CatalogClient, "catalog"),
+                    orders=_client(ctx, clients.OrdersClient, "orders"), category_cache={})
+    return recommendations.routes()
+
+
+class Waiters:
+    """Wakes long-poll requests when the hub sees an event of their stream."""
+
+    def __init__(self):
+        self._events: dict[str, asyncio.Event] = {}
+
+    def on_event(self, stream: str, event: dict) -> None:
+        waiter = self._events.pop(stream, None)
+        if waiter is not None:
+            waiter.set()
+
+    async def wait(self, stream: str, timeout: float) -> None:
+        waiter = self._events.setdefault(stream, asyncio.Event())
+        try:
+            await asyncio.wait_for(waiter.wait(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            pass
+
+
+async def _gateway(ctx: ServiceContext) -> list:
+    from bookshop.clients.cache import BookPageCache
+    from bookshop.handlers import gateway
+    from bookshop.ws.follower import StreamFollower
+    from bookshop.ws.hub import Hub, Stream
+    ctx.use_remote_keys()
+    upstreams = {
+        "users": _client(ctx, clients.UsersClient, "users"),
+        "catalog": _client(ctx, clients.CatalogClient, "catalog"),
+        "inventory": _client(ctx, clients.InventoryClient, "inventory"),
+        "orders": _client(ctx, clients.OrdersClient, "orders"),
+        "recommendations": _client(ctx, clients.RecommendationsClient, "recommendations"),
+    }
+    part = min(1.0, ctx.settings.upstream_timeout)
+    streams = {name: Stream(name, clients.StreamSource(upstreams[name])) for name in ("catalog", "inventory", "orders")}
+
+    async def snapshot(channel, sub, principal):
+        if channel == "inventory":
+            reply = await upstreams["inventory"].request("GET", "/internal/levels", params={"limit": "1000"})
+            upstreams["inventory"].raise_for(reply)
+            return reply.body["seq"], {"items": reply.body["items"]}
+        if channel == "books":
+            seq = (await streams["catalog"].source.read(2**62, 1))["seq"]
+            page = await upstreams["catalog"].search({"limit": "100"})
+            return seq, {"items": page["items"]}
+        reply = await upstreams["orders"].request("GET", "/internal/orders/recent", params={
+            "limit": "50", **({"user_id": sub.filter.user_id} if sub.filter.user_id else {})})
+        upstreams["orders"].raise_for(reply)
+        return reply.body["seq"], {"items": reply.body["items"]}
+
+    hub = Hub(streams, snapshot, ctx.metrics)
+    cache = BookPageCache(hub, upstreams["catalog"],
+                          clients.InventoryClient(ctx.http, ctx.settings.url("inventory"), ctx.tokens, timeout=part,
+                                                  retries=0),
+                          clients.RecommendationsClient(ctx.http, ctx.settings.url("recommendations"), ctx.tokens,
+                                                        timeout=part, retries=0))
+    waiters = Waiters()
+    hub.listeners.append(waiters.on_event)
+    sockets: set = set()
+    ctx.deps.update(upstreams=upstreams, hub=hub, cache=cache, waiters=waiters, sockets=sockets)
+    for name in streams:
+        follower = StreamFollower(hub, name, ctx.settings.url(name), ctx.http, ctx.tokens,
+                                  on_state=cache.on_stream_state)
+        ctx.spawn(follower.run(ctx.stop), f"follow-{name}")
+
+    async def close_sockets():
+        for sock in list(sockets):
+            sock.close(1001, "server going away")
+    ctx.before_drain.append(close_sockets)
+    return gateway.routes()
+
+
+BUILDERS = {"users": _users, "catalog": _catalog, "inventory": _inventory, "orders": _orders,
+            "payments": _payments, "recommendations": _recommendations, "gateway": _gateway}
+
+
+async def build(name: str, settings: Settings):
+    ctx = ServiceContext(name, settings, with_db=name != "gateway")
+    routes = await BUILDERS[name](ctx)
+    app_settings = {}
+    if name == "gateway":
+        app_settings = {"websocket_ping_interval": 20, "websocket_ping_timeout": 30,
+                        "websocket_max_message_size": 64 * 1024}
+    return ctx, make_app(ctx, routes, **app_settings)
+
+
+async def rotate_keys(settings: Settings) -> str:
+    """``python run.py rotate-keys``: sign with a new key; keep the old one published until its tokens end."""
+    from bookshop.services import accounts
+    from bookshop.storage.mongo import Database
+    from bookshop.storage.users import KeyRepo
+    db = Database(settings.mongodb_uri, settings.db_name("users"))
+    try:
+        key = accounts.new_signing_key()
+        keep = datetime.timedelta(seconds=max(settings.access_token_ttl, accounts.SERVICE_TOKEN_TTL) + 60)
+        await KeyRepo(db).rotate(key, keep)
+        return f"new signing key {key['kid']} is active; the previous key stays published for {keep}"
+    finally:
+        db.close()

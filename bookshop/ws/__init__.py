@@ -1,0 +1,1 @@
+"""The gateway's live hub: channels, subscriptions, bounded per-client queues, resume from ``seq``."""

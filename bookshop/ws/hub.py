@@ -1,0 +1,210 @@
+"""The hub: follows the services' event streams and fans events out to subscribed clients.
+
+Each stream keeps a bounded buffer of recent events; a client resuming from an older ``seq`` is served from
+the owning service's event log (kept 48 h), and one resuming from before that gets a fresh snapshot. A
+subscription catches up first and only then goes live; both happen on the event loop without an ``await``
+between "caught up?" and "live", so no event can slip between them. Each client has a bounded queue: a
+client too slow to drain it is closed with 4008 and resumes with ``after``.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from typing import Any, Awaitable, Callable, Protocol
+
+from bookshop.ws.channels import CHANNELS, Filter
+
+log = logging.getLogger(__name__)
+
+SLOW_CLIENT = 4008
+QUEUE_LIMIT = 500
+BUFFER = 5000
+
+
+class Connection(Protocol):
+    def write_frame(self, frame: str) -> Awaitable[None]: ...
+    def close_slow(self) -> None: ...
+
+
+class Stream:
+    """One service's stream as the gateway has seen it."""
+
+    def __init__(self, name: str, source, buffer: int = BUFFER):
+        self.name = name
+        self.source = source  # reads the service's log: async read(after, limit) -> {items, seq, oldest}
+        self.seq = 0          # the last seq this gateway has seen
+        self.buffer: collections.deque[dict] = collections.deque(maxlen=buffer)
+        self.connected = False
+
+    def since(self, after: int) -> list[dict] | None:
+        """Buffered events after ``after``; None when the buffer does not reach back that far."""
+        if after >= self.seq:
+            return []
+        if not self.buffer or self.buffer[0]["seq"] > after + 1:
+            return None
+        return [e for e in self.buffer if e["seq"] > after]
+
+
+class Subscription:
+    __slots__ = ("channel", "filter", "last", "live")
+
+    def __init__(self, channel: str, filter_: Filter):
+        self.channel = channel
+        self.filter = filter_
+        self.last = 0
+        self.live = False
+
+
+class Client:
+    """A connected WebSocket client: its subscriptions and its bounded outgoing queue."""
+
+    __slots__ = ("conn", "subs", "queue", "writing", "closed", "principal", "__weakref__")
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.subs: dict[str, Subscription] = {}
+        self.queue: collections.deque[str] = collections.deque()
+        self.writing = False
+        self.closed = False
+        self.principal = None
+
+    def send(self, frame: str) -> None:
+        if self.closed:
+            return
+        if len(self.queue) >= QUEUE_LIMIT:
+            self.closed = True
+            self.queue.clear()
+            self.conn.close_slow()
+            return
+        self.queue.append(frame)
+        if not self.writing:
+            self.writing = True
+            asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue and not self.closed:
+                await self.conn.write_frame(self.queue.popleft())
+        except Exception:  # noqa: BLE001 - a closed socket ends this client, nothing else
+            self.closed = True
+            self.queue.clear()
+        finally:
+            self.writing = False
+
+
+def event_frame(channel: str, event: dict) -> str:
+    return json.dumps({"type": "event", "channel": channel, "seq": event["seq"], "event": event["event"],
+                       "data": event["data"], "at": event["at"]}, separators=(",", ":"))
+
+
+Snapshotter = Callable[[str, Subscription, Any], Awaitable[tuple[int, Any]]]
+
+
+class Hub:
+    def __init__(self, streams: dict[str, Stream], snapshot: Snapshotter, metrics=None):
+        self.streams = streams
+        self.snapshot = snapshot
+        self.clients: set[Client] = set()
+        self.listeners: list[Callable[[str, dict], None]] = []
+        self.metrics = metrics
+        # channel -> clients subscribed to it
+        self._by_channel: dict[str, set[Client]] = collections.defaultdict(set)
+
+    # -- clients ------------------------------------------------------------------------------------
+    def join(self, conn: Connection) -> Client:
+        client = Client(conn)
+        self.clients.add(client)
+        self._gauge()
+        return client
+
+    def leave(self, client: Client) -> None:
+        client.closed = True
+        for channel in client.subs:
+            self._by_channel[channel].discard(client)
+        client.subs.clear()
+        self.clients.discard(client)
+        self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.gauge("websocket_clients", len(self.clients))
+
+    def unsubscribe(self, client: Client, channel: str) -> None:
+        client.subs.pop(channel, None)
+        self._by_channel[channel].discard(client)
+
+    async def subscribe(self, client: Client, channel: str, filter_: Filter, after: int | None) -> None:
+        stream = self.streams[CHANNELS[channel]]
+        self.unsubscribe(client, channel)
+        sub = Subscription(channel, filter_)
+        client.subs[channel] = sub
+        self._by_channel[channel].add(client)
+        client.send(json.dumps({"type": "subscribed", "channel": channel, "seq": stream.seq}))
+        if after is not None and after > stream.seq and after > (await stream.source.read(after, 1))["seq"]:
+            after = None  # a seq from the future (another shop, a reset database): start afresh
+        if after is None:
+            after = await self._send_snapshot(client, sub)
+        await self._catch_up(client, sub, stream, after)
+
+    async def _send_snapshot(self, client: Client, sub: Subscription) -> int:
+        seq, data = await self.snapshot(sub.channel, sub, client.principal)
+        client.send(json.dumps({"type": "snapshot", "channel": sub.channel, "seq": seq, "data": data},
+                               separators=(",", ":"), default=str))
+        return seq
+
+    def _deliver(self, client: Client, sub: Subscription, events: list[dict], after: int) -> int:
+        for event in events:
+            if event["seq"] > after:
+                if sub.filter.matches(event):
+                    client.send(event_frame(sub.channel, event))
+                after = event["seq"]
+        return after
+
+    async def _catch_up(self, client: Client, sub: Subscription, stream: Stream, after: int) -> None:
+        """Send what happened after ``after``, then go live."""
+        while not client.closed and client.subs.get(sub.channel) is sub:
+            buffered = stream.since(after)
+            if buffered is not None:
+                # the rest is in our buffer: send it and go live, with no await in between
+                sub.last = self._deliver(client, sub, buffered, after)
+                sub.live = True
+                return
+            page = await stream.source.read(after, 500)
+            items = page["items"]
+            first = items[0]["seq"] if items else None
+            if (first is not None and first > after + 1) or (first is None and page.get("oldest", 0) > after + 1):
+                after = await self._send_snapshot(client, sub)  # older than the service keeps: start afresh
+                continue
+            if not items:
+                sub.last = after
+                sub.live = True
+                return
+            after = self._deliver(client, sub, items, after)
+
+    # -- events from the services ---------------------------------------------------------------------
+    def publish(self, stream_name: str, event: dict) -> None:
+        stream = self.streams[stream_name]
+        if event["seq"] <= stream.seq:
+            return  # already seen (a follower resumed with overlap)
+        stream.seq = event["seq"]
+        stream.buffer.append(event)
+        for listener in self.listeners:
+            listener(stream_name, event)
+        for channel, source in CHANNELS.items():
+            if source != stream_name:
+                continue
+            frame = None
+            for client in self._by_channel.get(channel, ()):
+                sub = client.subs.get(channel)
+                if sub is None or not sub.live or event["seq"] <= sub.last:
+                    continue
+                sub.last = event["seq"]
+                if sub.filter.matches(event):
+                    frame = frame or event_frame(channel, event)
+                    client.send(frame)
+
+    def end_private(self, client: Client) -> None:
+        for channel in [c for c in client.subs if c in ("orders", "orders:mine")]:
+            self.unsubscribe(client, channel)

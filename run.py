@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Run Bookshop.
+
+    python run.py                              everything: embedded database + seven services
+    python run.py --service NAME --port N      one service alone (needs MONGODB_URI, BOOKSHOP_SERVICE_SECRET
+                                               and BOOKSHOP_<NAME>_URL for the services it calls)
+    python run.py rotate-keys                  start signing with a new key (users database)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+
+def _coverage() -> None:
+    # test runs measure the service processes too (see tox.ini)
+    if os.environ.get("COVERAGE_PROCESS_START"):
+        try:
+            import coverage
+        except ImportError:
+            return
+        coverage.process_startup()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run.py", description="Run the Bookshop services.")
+    parser.add_argument("command", nargs="?", choices=["rotate-keys"], help="an admin command instead of serving")
+    parser.add_argument("--service", help="run only this service")
+    parser.add_argument("--port", help="port for --service (default: BOOKSHOP_PORT_BASE + offset)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _coverage()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from bookshop.logs import setup_logging
+    from bookshop.settings import Settings, SettingsError, validate_service
+
+    try:
+        settings = Settings.from_env()
+        if args.service is not None:
+            validate_service(args.service)
+            port = settings.port(args.service)
+            if args.port is not None:
+                if not args.port.isdigit() or not 0 < int(args.port) < 65536:
+                    raise SettingsError(f"--port must be a port number, got {args.port!r}")
+                port = int(args.port)
+            if settings.mongodb_uri is None and args.service != "gateway":
+                raise SettingsError("--service needs MONGODB_URI (the all-in-one mode starts its own database)")
+            if not settings.service_secret:
+                raise SettingsError("--service needs BOOKSHOP_SERVICE_SECRET (shared by the services)")
+        elif args.port is not None:
+            raise SettingsError("--port goes with --service")
+    except SettingsError as exc:
+        print(f"bookshop: error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "rotate-keys":
+        setup_logging("admin", settings.log_level)
+        from bookshop.wiring import rotate_keys
+        if settings.mongodb_uri is None:
+            print("bookshop: error: rotate-keys needs MONGODB_URI", file=sys.stderr)
+            return 2
+        print(asyncio.run(rotate_keys(settings)))
+        return 0
+
+    if args.service is not None:
+        setup_logging(args.service, settings.log_level)
+        from bookshop.app import serve
+        try:
+            asyncio.run(serve(args.service, settings, port))
+        except OSError as exc:
+            logging.getLogger("bookshop").error("cannot serve %s on port %d: %s", args.service, port, exc)
+            return 1
+        return 0
+
+    setup_logging("run", settings.log_level)
+    from bookshop.supervisor import AlreadyRunning, Supervisor
+    try:
+        return Supervisor(settings).run()
+    except AlreadyRunning as exc:
+        print(f"bookshop: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bookshop",
+    version="0.1.0",
+    description="An online bookshop built as real-time Tornado microservices",
+    packages=find_packages(include=["bookshop", "bookshop.*"]),
+    package_data={"bookshop": ["static/*"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "tornado>=6.4",
+        "motor>=3.7",
+        "pymongo>=4.9",
+        "PyJWT[crypto]>=2.8",
+        "cryptography>=42",
+        "aiohttp>=3.9",
+        "argon2-cffi>=23.1",
+        "pydantic>=2.7",
+        "prometheus-client>=0.20",
+        "tenacity>=8.2",
+        "circuitbreaker>=2.0",
+        # the embedded database: a pre-release, so pinned exactly
+        "secantusdb==0.7.0b3",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-tornado>=0.8",
+            "setuptools<82",  # pytest-tornado imports pkg_resources
+            "coverage>=7.4",
+            "playwright>=1.45",
+        ],
+        "dev": ["flake8>=7", "tox>=4"],
+    },
+)
