@@ -187,4 +187,3 @@ class Supervisor:
             log.info("stopping the embedded database")
             self.db.stop(timeout=3.0)
         log.info("bookshop stopped")
-

@@ -45,8 +45,8 @@ async def _users(ctx: ServiceContext) -> list:
     for name in ("users", "refresh_tokens", "login_attempts"):
         await repos[name].create_indexes()
     if await repos["keys"].active() is None:
-        await repos["keys"].add_first(await asyncio.get_running_loop().run_in_executor(None,
-                                                                                     accounts.new_signing_key))
+        key = await asyncio.get_running_loop().run_in_executor(None, accounts.new_signing_key)
+        await repos["keys"].add_first(key)
 
     async def local_jwks():
         return {"keys": await repos["keys"].published()}

@@ -53,8 +53,8 @@ class InventoryClient(UpstreamClient):
 
     async def reserve(self, order_id: str, items: list[dict]) -> dict:
         # idempotent per order id, so safe to retry
-        reply = await self.request("POST", "/internal/reservations", json_body={"order_id": order_id,
-                                                                               "items": items}, idempotent=True)
+        reply = await self.request("POST", "/internal/reservations",
+                                   json_body={"order_id": order_id, "items": items}, idempotent=True)
         self.raise_for(reply)
         return reply.body
 

@@ -148,4 +148,3 @@ def routes() -> list[tuple]:
         (r"/static/(.*)", StaticHandler),
     ]
     return out
-

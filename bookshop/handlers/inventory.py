@@ -83,8 +83,8 @@ class ReservationsHandler(BaseHandler):
         self.require("service")
         body = self.json_body(ReserveRequest)
         order_id = _order_id(body.order_id)
-        items = [(normalize_isbn(line.isbn, f"items[{i}].isbn"), check_quantity(line.quantity,
-                                                                                  f"items[{i}].quantity"))
+        items = [(normalize_isbn(line.isbn, f"items[{i}].isbn"),
+                  check_quantity(line.quantity, f"items[{i}].quantity"))
                  for i, line in enumerate(body.items)]
         result = await self.ctx.deps["reservations"].reserve(order_id, items)
         self.ctx.relay.kick()

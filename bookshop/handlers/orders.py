@@ -290,7 +290,7 @@ def routes() -> list[tuple]:
         (r"/api/v1/cart", CartHandler),
         (rf"/api/v1/cart/items/{ISBN}", CartItemHandler),
         (r"/api/v1/orders", OrdersHandler),
-        (rf"/api/v1/orders/([^/]+)", OrderHandler),
+        (r"/api/v1/orders/([^/]+)", OrderHandler),
         (rf"/api/v1/orders/{_ORDER_ID}/cancel", CancelHandler),
         (rf"/api/v1/orders/{_ORDER_ID}/ship", ShipHandler),
         (rf"/api/v1/orders/{_ORDER_ID}/payments", PaymentsLedgerHandler),

@@ -53,8 +53,8 @@ class RecommendationsHandler(BaseHandler):
         for category in categories:
             for book in await self.category_books(category):
                 if book["isbn"] not in exclude and len(picks) < LIMIT:
-                    picks.append({k: book[k] for k in ("isbn", "title", "authors", "category", "price_cents",
-                                                        "currency")})
+                    fields = ("isbn", "title", "authors", "category", "price_cents", "currency")
+                    picks.append({k: book[k] for k in fields})
         self.write_json({"items": picks})
 
 

@@ -130,7 +130,8 @@ class TokensHandler(BaseHandler):
             raise errors.RateLimited("too many failed logins; try again later", code="too_many_attempts",
                                      retry_after=math.ceil(wait))
         user = await self.ctx.deps["users"].by_email(email)
-        ok = await in_thread(accounts.verify_password, user["password_hash"] if user else None, body.password)
+        stored = user["password_hash"] if user else None
+        ok = await in_thread(accounts.verify_password, stored, body.password)
         if not ok:
             lock = datetime.timedelta(seconds=settings.login_lock_seconds)
             window = datetime.timedelta(minutes=15)

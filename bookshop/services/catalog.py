@@ -75,7 +75,8 @@ class CursorCodec:
         try:
             blob = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
             mac, raw = blob[:12], blob[12:]
-            if len(cursor) > 512 or not hmac.compare_digest(mac, hmac.new(self._key, raw, hashlib.sha256).digest()[:12]):
+            expected = hmac.new(self._key, raw, hashlib.sha256).digest()[:12]
+            if len(cursor) > 512 or not hmac.compare_digest(mac, expected):
                 raise ValueError
             position = json.loads(raw)
             if not isinstance(position, dict):
