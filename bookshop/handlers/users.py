@@ -141,8 +141,8 @@ class TokensHandler(BaseHandler):
             raise errors.Unauthenticated("wrong email or password", code="invalid_credentials")
         await attempts.succeed(email_key)
         if accounts.needs_rehash(user["password_hash"]):
-            await self.ctx.deps["users"].set_hash(user["_id"],
-                                                   await in_thread(accounts.hash_password, body.password))
+            rehashed = await in_thread(accounts.hash_password, body.password)
+            await self.ctx.deps["users"].set_hash(user["_id"], rehashed)
         self.ctx.metrics.count("logins")
         self.write_json(await self.ctx.deps["issuer"].pair(user))
 
