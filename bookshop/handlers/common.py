@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 
 import tornado.websocket
 
@@ -17,7 +18,7 @@ class HealthHandler(BaseHandler):
     public = {"GET", "HEAD"}
 
     def get(self):
-        self.write_json({"status": "ok", "service": self.ctx.name})
+        self.write_json({"status": "ok", "service": self.ctx.name, "pid": os.getpid()})
 
 
 class ReadyHandler(BaseHandler):
