@@ -8,10 +8,8 @@ import subprocess
 import sys
 import time
 
-import pymongo
-import pymongo.errors
-
 from bookshop.procs import die_with_parent, free_port
+from bookshop.storage.wire import ping
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +45,11 @@ class EmbeddedDatabase:
         return f"mongodb://{self.host}:{self.port}/?directConnection=true&retryWrites=false&journal=true"
 
     def start(self, timeout: float = 30.0) -> str:
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the server process (returns at once; ``wait_ready`` waits for it)."""
         if self.storage_path != ":memory:":
             os.makedirs(self.storage_path, exist_ok=True)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -56,21 +59,17 @@ class EmbeddedDatabase:
                                      preexec_fn=die_with_parent(), start_new_session=True)
         if out is not subprocess.DEVNULL:
             out.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
-        client = pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=200, connectTimeoutMS=200)
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise EmbeddedDatabaseError(
-                        f"the embedded database exited with code {self.proc.returncode}"
-                        + (f" (see {self.log_path})" if self.log_path else ""))
-                try:
-                    client.admin.command("ping")
-                    return self.uri
-                except pymongo.errors.PyMongoError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EmbeddedDatabaseError(
+                    f"the embedded database exited with code {self.proc.returncode}"
+                    + (f" (see {self.log_path})" if self.log_path else ""))
+            if ping(self.host, self.port, 0.2):
+                return self.uri
+            time.sleep(0.03)
         self.stop()
         raise EmbeddedDatabaseError(f"the embedded database did not answer within {timeout:.0f}s")
 

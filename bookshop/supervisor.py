@@ -24,7 +24,6 @@ from bookshop.settings import Settings
 
 log = logging.getLogger("bookshop.supervisor")
 
-RUN_PY = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "run.py"))
 STOP_SERVICES_WITHIN = 11.0
 
 
@@ -61,21 +60,81 @@ class DataDirLock:
 
 
 class Child:
+    """One service process, forked from the supervisor once the code is imported.
+
+    Forking a process that has already imported every module saves each service the ~0.8 s of imports
+    (seven of them on two cores), which is what gets the whole shop ready within a few seconds. The
+    supervisor never starts an event loop or a thread, so forking it is safe.
+    """
+
     def __init__(self, name: str, port: int, env: dict):
         self.name = name
         self.port = port
         self.env = env
-        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.returncode: int | None = None
         self.started_at = 0.0
         self.backoff = 0.5
         self.restart_at: float | None = None
 
     def start(self) -> None:
-        cmd = [sys.executable, RUN_PY, "--service", self.name, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
-                                     preexec_fn=die_with_parent(), start_new_session=True)
+        pid = os.fork()
+        if pid == 0:  # the service process
+            code = 1
+            try:
+                code = _serve_forked(self.name, self.port, self.env)
+            finally:
+                os._exit(code)
+        self.pid = pid
+        self.returncode = None
         self.started_at = time.monotonic()
         self.restart_at = None
+
+    def poll(self) -> int | None:
+        if self.pid is not None and self.returncode is None:
+            try:
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = self.pid, 0
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.name, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+
+def _serve_forked(name: str, port: int, env: dict) -> int:
+    import asyncio
+
+    from bookshop.app import serve
+    from bookshop.logs import setup_logging
+    os.setsid()
+    die_with_parent()()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    os.environ.clear()
+    os.environ.update(env)
+    settings = Settings.from_env()
+    setup_logging(name, settings.log_level)
+    try:
+        asyncio.run(serve(name, settings, port))
+    except OSError as exc:
+        log.error("cannot serve %s on port %d: %s", name, port, exc)
+        return 1
+    return 0
 
 
 class Supervisor:
@@ -108,7 +167,11 @@ class Supervisor:
             if uri is None:
                 path = os.path.abspath(os.path.join(self.settings.data_dir, "db"))
                 self.db = EmbeddedDatabase(path, log_path=os.path.join(self.settings.data_dir, "db.log"))
-                uri = self.db.start()
+                self.db.launch()
+            from bookshop import wiring
+            wiring.preload()  # import once here, while the database boots; the services are forked
+            if self.db is not None:
+                uri = self.db.wait_ready()
                 log.info("embedded database ready on port %d (data in %s)", self.db.port, path)
             env = self._child_env(uri)
             # users first: the others fetch its keys; they retry anyway, so start all at once
@@ -151,8 +214,8 @@ class Supervisor:
     def _reap(self) -> None:
         now = time.monotonic()
         for child in self.children:
-            if child.proc is not None and child.proc.poll() is not None and child.restart_at is None:
-                code = child.proc.returncode
+            if child.pid is not None and child.poll() is not None and child.restart_at is None:
+                code = child.returncode
                 if now - child.started_at > 30:
                     child.backoff = 0.5
                 child.restart_at = now + child.backoff
@@ -171,18 +234,17 @@ class Supervisor:
     def _shutdown(self) -> None:
         log.info("stopping services")
         for child in self.children:
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
+            child.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_SERVICES_WITHIN
         for child in self.children:
-            if child.proc is None:
+            if child.pid is None:
                 continue
             try:
-                child.proc.wait(max(0.0, deadline - time.monotonic()))
+                child.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("service %s did not stop in time; killing it", child.name)
-                child.proc.kill()
-                child.proc.wait()
+                child.send_signal(signal.SIGKILL)
+                child.wait(5)
         if self.db is not None:
             log.info("stopping the embedded database")
             self.db.stop(timeout=3.0)

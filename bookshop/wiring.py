@@ -229,6 +229,16 @@ async def _gateway(ctx: ServiceContext) -> list:
     return gateway.routes()
 
 
+def preload() -> None:
+    """Import every service's modules (the supervisor does this once, before forking the services)."""
+    import importlib
+    for module in ("handlers.users", "handlers.catalog", "handlers.inventory", "handlers.orders",
+                   "handlers.payments", "handlers.recommendations", "handlers.gateway", "services.checkout",
+                   "services.demo_data", "storage.users", "storage.catalog", "storage.inventory",
+                   "storage.orders", "storage.payments", "clients.cache", "ws.follower", "ws.hub"):
+        importlib.import_module(f"bookshop.{module}")
+
+
 BUILDERS = {"users": _users, "catalog": _catalog, "inventory": _inventory, "orders": _orders,
             "payments": _payments, "recommendations": _recommendations, "gateway": _gateway}
 
