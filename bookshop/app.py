@@ -47,7 +47,8 @@ class ServiceContext:
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
         self.deps: dict[str, Any] = {}
         self.inflight: set = set()
-        self.before_drain: list[Callable[[], Awaitable[None]]] = []
+        self.before_drain: list[Callable[[], Awaitable[None]]] = [self._close_stream_sockets]
+        self.stream_sockets: set = set()
 
     def use_remote_keys(self) -> None:
         users = self.settings.url("users")
@@ -61,6 +62,10 @@ class ServiceContext:
     def use_event_log(self, embedded=None) -> None:
         self.event_log = EventLog(self.db)
         self.relay = Relay(self.event_log, embedded)
+
+    async def _close_stream_sockets(self) -> None:
+        for sock in list(self.stream_sockets):
+            sock.close(1001, "service going away")  # followers resume elsewhere or after the restart
 
     def spawn(self, coro: Awaitable, name: str) -> None:
         task = asyncio.ensure_future(coro)

@@ -99,6 +99,7 @@ class EventStreamSocket(tornado.websocket.WebSocketHandler):
         return True  # authenticated by service token, not browsers
 
     def open(self):
+        self.ctx.stream_sockets.add(self)
         self._task = asyncio.ensure_future(self._pump())
 
     async def _pump(self):
@@ -127,6 +128,7 @@ class EventStreamSocket(tornado.websocket.WebSocketHandler):
         pass
 
     def on_close(self):
+        self.ctx.stream_sockets.discard(self)
         self._stop.set()
         task = getattr(self, "_task", None)
         if task is not None:
