@@ -76,6 +76,17 @@ class BookPageCache:
         if len(table) >= MAX_ENTRIES:
             table.clear()
 
+    def peek(self, isbn: str) -> tuple[bytes | None, bytes, bytes] | None:
+        """All three parts from the cache, or None if any is missing (or its stream is not followed)."""
+        if isbn not in self.books or isbn not in self.levels or isbn not in self.recs:
+            return None
+        if not (self._live("catalog") and self._live("inventory")):
+            return None
+        at, recs = self.recs[isbn]
+        if time.monotonic() - at >= RECS_SECONDS:
+            return None
+        return self.books[isbn], self.levels[isbn], recs
+
     async def book(self, isbn: str) -> bytes | None:
         if isbn in self.books and self._live("catalog"):
             return self.books[isbn]

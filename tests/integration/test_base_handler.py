@@ -1,0 +1,131 @@
+"""The base handler in-process: JSON errors for every failure, request ids, body limits, logging."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import tornado.httpclient
+
+from bookshop.app import make_app
+from bookshop.handlers.base import BaseHandler
+from bookshop.logs import JsonFormatter
+from bookshop.services import errors
+from bookshop.validation import StrictModel
+
+
+class Echo(StrictModel):
+    name: str
+    count: int
+
+
+class Ctx:
+    """Just enough of a ServiceContext for the base handler."""
+    name = "probe"
+    verifier = None
+    event_log = None
+
+    def __init__(self):
+        from bookshop.metrics import Metrics
+        self.metrics = Metrics("probe")
+        self.inflight = set()
+
+    async def readiness(self):
+        return []
+
+
+class BoomHandler(BaseHandler):
+    public = {"GET", "POST"}
+
+    def get(self):
+        raise RuntimeError("secret internals")
+
+    def post(self):
+        body = self.json_body(Echo)
+        self.write_json({"name": body.name, "count": body.count})
+
+
+class ConflictHandler(BaseHandler):
+    public = {"GET"}
+
+    def get(self):
+        raise errors.OutOfStock(details={"items": [{"isbn": "1"}]})
+
+
+class PrivateHandler(BaseHandler):
+    def get(self):
+        self.write_json({"secret": True})
+
+
+@pytest.fixture
+def app():
+    return make_app(Ctx(), [(r"/boom", BoomHandler), (r"/conflict", ConflictHandler), (r"/private", PrivateHandler)])
+
+
+async def fetch(http_client, base_url, path, **kw):
+    try:
+        return await http_client.fetch(base_url + path, **kw)
+    except tornado.httpclient.HTTPClientError as exc:
+        return exc.response
+
+
+@pytest.mark.gen_test
+async def test_uncaught_exception_is_a_clean_500_logged_with_the_request_id(http_client, base_url):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("bookshop").addHandler(handler)
+    try:
+        r = await fetch(http_client, base_url, "/boom", headers={"X-Request-ID": "req-500"})
+    finally:
+        logging.getLogger("bookshop").removeHandler(handler)
+    assert r.code == 500
+    body = json.loads(r.body)
+    assert body == {"error": {"code": "internal_error", "message": "internal error", "request_id": "req-500"}}
+    assert b"secret internals" not in r.body and b"Traceback" not in r.body
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    logged = [entry for entry in lines if entry.get("request_id") == "req-500" and "exc" in entry]
+    assert logged and "secret internals" in logged[0]["exc"]
+
+
+@pytest.mark.gen_test
+async def test_domain_errors_map_to_status_and_details(http_client, base_url):
+    r = await fetch(http_client, base_url, "/conflict")
+    assert r.code == 409
+    assert json.loads(r.body)["error"]["code"] == "out_of_stock"
+    assert json.loads(r.body)["error"]["details"] == {"items": [{"isbn": "1"}]}
+
+
+@pytest.mark.gen_test
+async def test_strict_validation(http_client, base_url):
+    r = await fetch(http_client, base_url, "/boom", method="POST", body=json.dumps({"name": "a", "count": "7"}))
+    assert r.code == 400 and json.loads(r.body)["error"]["message"].startswith("count")
+    r = await fetch(http_client, base_url, "/boom", method="POST", body=json.dumps({"name": "a", "count": 7}))
+    assert r.code == 200 and json.loads(r.body) == {"name": "a", "count": 7}
+    r = await fetch(http_client, base_url, "/boom", method="POST",
+                    body=json.dumps({"name": {"$ne": ""}, "count": 7}))
+    assert r.code == 400 and json.loads(r.body)["error"]["details"]["field"] == "name"
+
+
+@pytest.mark.gen_test
+async def test_chunked_body_over_the_limit_is_413(http_client, base_url):
+    chunks = [b"x" * 65536] * 20  # 1.25 MiB without a Content-Length
+
+    async def producer(write):
+        for chunk in chunks:
+            await write(chunk)
+    r = await fetch(http_client, base_url, "/boom", method="POST", body_producer=producer,
+                    headers={"Transfer-Encoding": "chunked"})
+    assert r.code == 413
+    assert json.loads(r.body)["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.gen_test
+async def test_private_route_needs_a_token_and_service_without_verifier_refuses_tokens(http_client, base_url):
+    r = await fetch(http_client, base_url, "/private")
+    assert r.code == 401 and json.loads(r.body)["error"]["code"] == "unauthenticated"
+    r = await fetch(http_client, base_url, "/private", headers={"Authorization": "Basic abc"})
+    assert r.code == 401
+    r = await fetch(http_client, base_url, "/private", headers={"Authorization": "Bearer abc"})
+    assert r.code == 401
