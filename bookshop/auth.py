@@ -48,6 +48,9 @@ class TokenVerifier:
     """Verifies bearer tokens against a cached JWKS (``{"keys": [...]}``) from ``load_jwks``."""
 
     refetch_interval = 3.0
+    #: cached keys are refetched this often, so a key that left the JWKS (retired after a rotation, perhaps
+    #: because it leaked) stops verifying everywhere, not only in processes started since
+    max_age = 300.0
 
     def __init__(self, load_jwks: KeyLoader):
         self._load_jwks = load_jwks
@@ -62,9 +65,8 @@ class TokenVerifier:
     async def _refresh(self, force: bool) -> None:
         async with self._lock:
             now = time.monotonic()
-            if self._keys and (not force or now - self._fetched_at < self.refetch_interval):
-                return
-            if force and now - self._fetched_at < self.refetch_interval:
+            # fresh enough (a burst of unknown kids costs one fetch per interval)
+            if self._keys and now - self._fetched_at < (self.refetch_interval if force else self.max_age):
                 return
             self._fetched_at = now
             try:
@@ -84,6 +86,11 @@ class TokenVerifier:
     async def key_for(self, kid: str) -> jwt.PyJWK:
         if kid not in self._keys:
             await self._refresh(force=bool(self._keys))
+        elif time.monotonic() - self._fetched_at >= self.max_age:
+            try:
+                await self._refresh(force=False)
+            except Unavailable:
+                pass  # the users service is down: keep verifying with the keys we have
         if kid not in self._keys:
             raise Unauthenticated("token signed with an unknown key", code="invalid_token")
         return self._keys[kid]

@@ -36,3 +36,5 @@ def setup_logging(service: str, level: str = "INFO", stream=None) -> None:
     root.setLevel(level.upper())
     # tornado's access log is replaced by our own (bookshop.app.log_request)
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    # the driver's DEBUG command log prints whole documents (password hashes, the signing key): never
+    logging.getLogger("pymongo").setLevel(max(root.level, logging.INFO))

@@ -126,7 +126,8 @@ class Settings:
         number("BOOKSHOP_UPSTREAM_TIMEOUT", "upstream_timeout", 0.1, 60)
         integer("BOOKSHOP_PAYMENTS_LATENCY_MS", "payments_latency_ms", 0, 60000)
         number("BOOKSHOP_PAYMENTS_FAILURE_RATE", "payments_failure_rate", 0, 1)
-        integer("BOOKSHOP_LOGIN_MAX_FAILURES", "login_max_failures", 1, 1000)
+        # the contract: a lock after at most 10 failures in a row
+        integer("BOOKSHOP_LOGIN_MAX_FAILURES", "login_max_failures", 1, 10)
         integer("BOOKSHOP_LOGIN_LOCK_SECONDS", "login_lock_seconds", 1, 86400)
 
         origins = env.get("BOOKSHOP_ALLOWED_ORIGINS", "").strip()
@@ -164,14 +165,30 @@ class Settings:
             raise SettingsError("BOOKSHOP_ADMIN_EMAIL and BOOKSHOP_ADMIN_PASSWORD must be set together")
         if self.admin_password is not None and len(self.admin_password) < 8:
             raise SettingsError("BOOKSHOP_ADMIN_PASSWORD must be at least 8 characters")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(f"BOOKSHOP_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if not self.db_prefix.replace("_", "").isalnum():
             raise SettingsError(f"BOOKSHOP_DB_PREFIX may hold only letters, digits and _, got {self.db_prefix!r}")
 
     def with_secret(self) -> "Settings":
-        """A copy with a service secret: run.py generates one for the all-in-one mode."""
+        """A copy with a service secret. The all-in-one mode generates one on first start and keeps it in
+        the data dir (mode 0600), so what is signed with it (idempotency fingerprints, paging cursors)
+        stays valid across restarts."""
         if self.service_secret:
             return self
-        return dataclasses.replace(self, service_secret=secrets.token_urlsafe(32))
+        path = os.path.join(self.data_dir, "service_secret")
+        try:
+            with open(path) as fh:
+                secret = fh.read().strip()
+        except FileNotFoundError:
+            secret = ""
+        if not secret:
+            os.makedirs(self.data_dir, exist_ok=True)
+            secret = secrets.token_urlsafe(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secret)
+        return dataclasses.replace(self, service_secret=secret)
 
 
 def validate_service(name: str) -> str:

@@ -76,7 +76,8 @@ async def _catalog(ctx: ServiceContext) -> list:
     await books.create_indexes()
     ctx.deps.update(books=books, cursors=CursorCodec(ctx.settings.service_secret or "bookshop"))
     if ctx.settings.demo_data:
-        seeded = await books.seed([{**b, **search_words(b)} for b in demo_data.demo_books()])
+        seeded = await books.seed([{**b, **search_words(b), "currency": ctx.settings.currency}
+                                   for b in demo_data.demo_books()])
         if seeded:
             log.info("seeded the demo catalogue (%d books)", seeded)
     return catalog.routes()
@@ -137,7 +138,7 @@ async def _orders(ctx: ServiceContext) -> list:
 
     async def finish_sagas():
         if sagas:
-            await asyncio.wait(list(sagas), timeout=8.0)
+            await asyncio.wait(list(sagas), timeout=3.0)
     ctx.on_shutdown.insert(0, finish_sagas)
     return orders.routes()
 
@@ -154,7 +155,7 @@ async def _recommendations(ctx: ServiceContext) -> list:
     from bookshop.handlers import recommendations
     ctx.use_remote_keys()
     ctx.deps.update(catalog=_client(ctx, clients.CatalogClient, "catalog"),
-                    orders=_client(ctx, clients.OrdersClient, "orders"), category_cache={})
+                    orders=_client(ctx, clients.OrdersClient, "orders"))
     return recommendations.routes()
 
 

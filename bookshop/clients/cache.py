@@ -1,9 +1,9 @@
 """The gateway's cache for ``GET /api/v1/books/{isbn}``, kept correct by the services' event streams.
 
 Entries of a stream are used only while the gateway follows that stream (a follower that lost its stream
-may have missed an invalidation). Stock entries are overwritten by each ``stock.changed`` event, book
-entries dropped by each ``book.*`` event, recommendations dropped on any book event and after 30 s. A fetch
-that raced an event is not stored (a per-stream generation counter tells).
+may have missed an invalidation). Stock entries are dropped by each ``stock.changed`` event, book entries
+(never a 404) by each ``book.*`` event, recommendations on any book event and after 30 s; the next read
+fetches them again. A fetch that raced an event is not stored (a per-stream generation counter tells).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class BookPageCache:
         self.inventory = inventory
         self.recs_client = recommendations
         self.part_timeout = part_timeout
-        self.books: dict[str, bytes | None] = {}
+        self.books: dict[str, bytes] = {}
         self.levels: dict[str, bytes] = {}
         self.recs: dict[str, tuple[float, bytes]] = {}
         self.generation = {"catalog": 0, "inventory": 0}
@@ -44,8 +44,9 @@ class BookPageCache:
     def on_event(self, stream: str, event: dict) -> None:
         if stream == "inventory" and event["event"] == "stock.changed":
             self.generation["inventory"] += 1
-            data = event["data"]
-            self.levels[data["isbn"]] = dumps({"available": data["available"]})
+            # dropped, not overwritten: the event may be older than what a read after a write through this
+            # gateway (forget_path) already fetched, and a page must never show stock going back in time
+            self.levels.pop(event["data"]["isbn"], None)
         elif stream == "catalog":
             self.generation["catalog"] += 1
             self.books.pop(event["data"].get("isbn"), None)
@@ -93,7 +94,9 @@ class BookPageCache:
         gen = self.generation["catalog"]
         book = await self.catalog.book(isbn)
         value = dumps(book) if book is not None else None
-        if self._live("catalog") and gen == self.generation["catalog"]:
+        # a miss is not cached: POST /books has no ISBN in its path for forget_path, and a page opened
+        # right after the create must not stay 404 until the book.created event arrives
+        if value is not None and self._live("catalog") and gen == self.generation["catalog"]:
             self._bounded(self.books)
             self.books[isbn] = value
         return value

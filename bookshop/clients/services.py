@@ -35,6 +35,13 @@ class CatalogClient(UpstreamClient):
             out.update({b["isbn"]: b for b in reply.body["items"]})
         return out
 
+    async def newest(self, category: str, limit: int) -> list[dict]:
+        """Books on sale in ``category``, newest first."""
+        reply = await self.request("GET", "/internal/books/newest",
+                                   params={"category": category, "limit": str(limit)})
+        self.raise_for(reply)
+        return reply.body["items"]
+
     async def search(self, params: dict) -> dict:
         reply = await self.request("GET", "/api/v1/books", params=params, service_auth=False)
         self.raise_for(reply)

@@ -27,7 +27,7 @@ from bookshop.validation import parse_json, validate
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1024 * 1024
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 T = TypeVar("T", bound=pydantic.BaseModel)
 
@@ -96,7 +96,7 @@ class BaseHandler(tornado.web.RequestHandler):
         rid = getattr(self, "_request_id", None)
         if rid is None:
             given = self.request.headers.get("X-Request-ID", "")
-            rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+            rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
             self._request_id = rid
             self.set_header("X-Request-ID", rid)
             request_id_var.set(rid)
@@ -113,13 +113,30 @@ class BaseHandler(tornado.web.RequestHandler):
             # connection while the client is still sending, and it would never see our JSON
             self._too_large = True
         self.request.connection.set_max_body_size(64 * MAX_BODY)
+        try:
+            await self.check()
+        except (errors.DomainError, tornado.web.HTTPError) as exc:
+            # prepare() of a streaming handler runs before the request is fully read, and answering then
+            # makes Tornado drop the keep-alive connection under the client's feet: read (and discard) the
+            # body first, then answer
+            self._refusal = exc
+            self._chunks = []
+            setattr(self, self.request.method.lower(), self._refuse)
+
+    async def check(self) -> None:
+        """What is decided before the body: the method exists, the caller is authenticated."""
         method = self.request.method.lower()
         if getattr(type(self), method, None) is getattr(tornado.web.RequestHandler, method, None):
             raise tornado.web.HTTPError(405)  # before authentication: the route has no such method
         await self.authenticate()
 
+    async def _refuse(self, *args, **kwargs):
+        raise self._refusal
+
     def data_received(self, chunk: bytes) -> None:
         self._size += len(chunk)
+        if getattr(self, "_refusal", None) is not None:
+            return
         if self._size > MAX_BODY:
             self._too_large = True
             self._chunks = []
@@ -206,6 +223,5 @@ class NotFoundHandler(BaseHandler):
 
     public = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-    async def prepare(self):
-        _ = self.request_id
+    async def check(self) -> None:
         raise errors.NotFound(f"no route for {self.request.path}")

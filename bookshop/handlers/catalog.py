@@ -98,14 +98,23 @@ class BookHandler(BaseHandler):
             raise errors.InvalidInput("body: nothing to change", code="invalid_field", details={"field": "body"})
         changes = catalog.check_book_fields(changes, self.ctx.settings.currency)
         repo = self.ctx.deps["books"]
-        if "title" in changes or "authors" in changes:
-            current = await repo.get(isbn)
-            if current is None:
-                raise errors.NotFound("no such book", code="book_not_found")
-            merged = {"title": changes.get("title", current["title"]),
-                      "authors": changes.get("authors", current["authors"])}
-            changes.update(catalog.search_words(merged))
-        doc = await repo.update(isbn, changes)
+        doc = None
+        for _ in range(5):
+            expect = None
+            if "title" in changes or "authors" in changes:
+                # the search words come from title and authors: written only if neither changed since read
+                # (a concurrent edit of the other one would otherwise leave words that match neither)
+                current = await repo.get(isbn)
+                if current is None:
+                    raise errors.NotFound("no such book", code="book_not_found")
+                expect = {"title": current["title"], "authors": current["authors"]}
+                changes.update(catalog.search_words({"title": changes.get("title", current["title"]),
+                                                     "authors": changes.get("authors", current["authors"])}))
+            doc = await repo.update(isbn, changes, expect)
+            if doc is not None or expect is None:
+                break
+        if doc is None and expect is not None:
+            raise errors.Conflict("the book is being edited by someone else; try again", code="edit_conflict")
         if doc is None:
             raise errors.NotFound("no such book", code="book_not_found")
         self.ctx.relay.kick()
@@ -136,6 +145,21 @@ class InternalBooksHandler(BaseHandler):
         self.write_json({"items": [book_view(d) for d in docs]})
 
 
+class InternalNewestHandler(BaseHandler):
+    """``GET /internal/books/newest?category=&limit=N``: books on sale in a category, newest first (service
+    token). Recommendations read it on every call: an index walk of ``limit`` books, so nothing needs caching."""
+
+    async def get(self):
+        self.require("service")
+        category = self.get_query_argument("category", "").strip().lower()
+        if not 1 <= len(category) <= 50:
+            raise errors.InvalidInput("category: 1 to 50 characters", code="invalid_field",
+                                      details={"field": "category"})
+        limit = catalog.page_limit(self.get_query_argument("limit", None))
+        docs = await self.ctx.deps["books"].newest(category, limit)
+        self.write_json({"items": [book_view(d) for d in docs]})
+
+
 ISBN = r"([^/]{1,64})"
 
 
@@ -144,4 +168,5 @@ def routes() -> list[tuple]:
         (r"/api/v1/books", BooksHandler),
         (rf"/api/v1/books/{ISBN}", BookHandler),
         (r"/internal/books", InternalBooksHandler),
+        (r"/internal/books/newest", InternalNewestHandler),
     ]

@@ -45,7 +45,7 @@ def int_arg(handler: BaseHandler, name: str, default: int, lo: int, hi: int) -> 
     raw = handler.get_query_argument(name, None)
     if raw is None:
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
         raise errors.InvalidInput(f"{name} must be an integer between {lo} and {hi}", code="invalid_field",
                                   details={"field": name})
     return int(raw)
@@ -92,7 +92,7 @@ class EventStreamSocket(tornado.websocket.WebSocketHandler):
             return
         raw = self.get_query_argument("after", None)
         # no "after": follow from now on
-        self._after = int(raw) if raw is not None and raw.isdigit() else None
+        self._after = int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
         await super().get(*args, **kwargs)
 
     def check_origin(self, origin):

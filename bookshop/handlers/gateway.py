@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 
 import tornado.web
 
-from bookshop.handlers.base import BaseHandler
+from bookshop.handlers.base import REQUEST_ID, BaseHandler
 from bookshop.handlers.common import int_arg
 from bookshop.services import errors
 from bookshop.services.isbn import normalize_isbn
@@ -62,8 +63,12 @@ class BookPageHandler(ProxyHandler):
         cache = self.ctx.deps["cache"]
         personal = self.principal is not None and self.principal.role == "customer"
         token = self.request.headers["Authorization"].split(" ", 1)[1] if personal else None
-        book, stock, recs = await asyncio.gather(cache.book(isbn), cache.stock(isbn),
-                                                 cache.recommendations(isbn, token))
+        warm = None if personal else cache.peek(isbn)
+        if warm is not None:  # the common case: everything cached, no task to schedule
+            book, stock, recs = warm
+        else:
+            book, stock, recs = await asyncio.gather(cache.book(isbn), cache.stock(isbn),
+                                                     cache.recommendations(isbn, token))
         if book is None:
             raise errors.NotFound("no such book", code="book_not_found")
         self.finish(b"".join((book[:-1], b',"stock":', stock, b',"recommendations":', recs, b"}")))
@@ -100,7 +105,9 @@ class EventsHandler(BaseHandler):
         items = [{"type": "event", "channel": channel, "seq": e["seq"], "event": e["event"], "data": e["data"],
                   "at": e["at"]} for e in page["items"] if filter_.matches(e)]
         last = page["items"][-1]["seq"] if page["items"] else max(after, 0)
-        self.write_json({"items": items, "seq": last if page["items"] else page["seq"]})
+        # an empty page resumes from ``after``: the log's latest seq is read after its items, so it may
+        # already count an event the page missed (only a seq from the future is pulled back to the latest)
+        self.write_json({"items": items, "seq": last if page["items"] else min(after, page["seq"])})
 
 
 class DashboardHandler(BaseHandler):
@@ -115,14 +122,21 @@ class DashboardHandler(BaseHandler):
 
 
 class StaticHandler(tornado.web.StaticFileHandler):
+    """The dashboard's own assets (shipped in the package: no CDN)."""
+
     def initialize(self, ctx=None, route="?", **_):
         self.ctx = ctx
         self.route = route
         super().initialize(path=STATIC)
 
+    def set_default_headers(self) -> None:
+        given = self.request.headers.get("X-Request-ID", "")
+        self.set_header("X-Request-ID", given if REQUEST_ID.match(given) else uuid.uuid4().hex)
+        self.set_header("X-Content-Type-Options", "nosniff")
+
 
 def routes() -> list[tuple]:
-    anyone, none = frozenset({"GET", "POST"}), frozenset()
+    anyone, none = frozenset({"POST"}), frozenset()
     isbn = r"([^/]{1,64})"
     table = [
         (r"/api/v1/users", "users", frozenset({"POST"})),

@@ -63,7 +63,7 @@ class AllLevelsHandler(BaseHandler):
     async def get(self):
         self.require("service")
         raw = self.get_query_argument("limit", "1000")
-        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
             raise errors.InvalidInput("limit: 1 to 1000", code="invalid_field", details={"field": "limit"})
         after = self.get_query_argument("after", None)
         seq = await self.ctx.event_log.latest_seq()  # read first: later events are newer than the snapshot

@@ -11,6 +11,7 @@ import re
 
 from bookshop.handlers.base import BaseHandler, error_body, status_of
 from bookshop.handlers.catalog import ISBN
+from bookshop.handlers.common import int_arg
 from bookshop.services import cards, errors
 from bookshop.services.checkout import PlaceOrder
 from bookshop.services.isbn import normalize_isbn
@@ -120,7 +121,7 @@ class OrdersHandler(BaseHandler):
             raise errors.InvalidInput("status: one of PENDING, CONFIRMED, SHIPPED, CANCELLED",
                                       code="invalid_field", details={"field": "status"})
         raw_limit = self.get_query_argument("limit", "20")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+        if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
             raise errors.InvalidInput("limit: must be an integer from 1 to 100", code="invalid_field",
                                       details={"field": "limit"})
         limit = int(raw_limit)
@@ -144,16 +145,27 @@ class OrdersHandler(BaseHandler):
             raise errors.InvalidInput("Idempotency-Key header: required, 1 to 128 letters, digits or ._:-",
                                       code="idempotency_key_required", details={"field": "Idempotency-Key"})
         body = self.json_body(NewOrder)
-        cmd = await self.command(principal.sub, body)
         fingerprint = hmac.new(self.ctx.settings.service_secret.encode(),
                                json.dumps(self.json_body(), sort_keys=True).encode(), hashlib.sha256).hexdigest()
         idem = self.ctx.deps["idempotency"]
+        # a replay is answered before the command is built: it must not depend on the cart as it is now
+        # (a confirmed from_cart order has emptied it)
+        existing = await idem.get(principal.sub, key)
+        if existing is not None:
+            await self.replay(existing, principal.sub, key, fingerprint)
+            return
+        cmd = await self.command(principal.sub, body)
         order_id = new_order_id()
         existing = await idem.begin(principal.sub, key, fingerprint, order_id)
         if existing is not None:
             await self.replay(existing, principal.sub, key, fingerprint)
             return
-        status, payload = await self.place(order_id, cmd)
+        try:
+            status, payload = await self.place(order_id, cmd)
+        except Exception:
+            # an unexpected failure (a 500) is not an answer to replay: free the key for a retry
+            await idem.forget(principal.sub, key)
+            raise
         if status < 500 and status != 429:
             await idem.finish(principal.sub, key, status, payload)
         else:
@@ -193,8 +205,13 @@ class OrdersHandler(BaseHandler):
         task = asyncio.ensure_future(checkout.run(order, cmd.card))
         self.ctx.deps["sagas"].add(task)
         task.add_done_callback(self.ctx.deps["sagas"].discard)
+        task.add_done_callback(_saga_done)
         try:
             done = await asyncio.wait_for(asyncio.shield(task), self.ctx.settings.checkout_wait)
+            if done["status"] != OrderStatus.CONFIRMED.value:
+                # cancelled (by its customer or staff) while the checkout ran: refunded and restocked
+                return 409, error_body("order_cancelled", "the order was cancelled during checkout",
+                                       self.request_id, {"order_id": order_id})
             return 201, order_view(done)
         except asyncio.TimeoutError:
             current = await self.ctx.deps["orders"].get(order_id)
@@ -230,6 +247,16 @@ class OrdersHandler(BaseHandler):
         if status in (503, 429) and not self._headers.get("Retry-After"):
             self.set_header("Retry-After", "5")
         self.write_json(payload, status)
+
+
+def _saga_done(task: asyncio.Future) -> None:
+    """Collect the outcome of a saga that finished after its request was answered 202 (else asyncio
+    reports "exception was never retrieved"); a domain error there is an expected outcome, not a fault."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, errors.DomainError):
+        log.error("checkout saga failed", exc_info=exc)
 
 
 async def visible_order(handler: BaseHandler, order_id: str) -> dict:
@@ -273,7 +300,7 @@ class RecentOrdersHandler(BaseHandler):
     async def get(self):
         self.require("service")
         user_id = self.get_query_argument("user_id", None)
-        limit = min(int(self.get_query_argument("limit", "50") or 50), 200)
+        limit = int_arg(self, "limit", 50, 1, 200)
         seq = await self.ctx.event_log.latest_seq()  # first: later events are newer than the snapshot
         docs = await self.ctx.deps["orders"].recent(user_id, limit)
         self.write_json({"items": [order_view(d) for d in docs], "seq": seq})

@@ -5,30 +5,23 @@ the signed-in customer already bought. Signed in without ``isbn``: books from th
 """
 from __future__ import annotations
 
-import time
-
 from bookshop.handlers.base import BaseHandler
 from bookshop.services import errors
 from bookshop.services.isbn import normalize_isbn
 
 LIMIT = 5
-CACHE_SECONDS = 10.0
 
 
 class RecommendationsHandler(BaseHandler):
     public = {"GET"}
 
-    async def category_books(self, category: str) -> list[dict]:
-        cache = self.ctx.deps["category_cache"]
-        hit = cache.get(category)
-        if hit and time.monotonic() - hit[0] < CACHE_SECONDS:
-            return hit[1]
-        page = await self.ctx.deps["catalog"].search({"category": category, "limit": "100"})
-        books = sorted(page["items"], key=lambda b: (-(b.get("published_year") or 0), b["isbn"]))
-        if len(cache) > 1000:
-            cache.clear()
-        cache[category] = (time.monotonic(), books)
-        return books
+    async def category_books(self, category: str, skip: int) -> list[dict]:
+        """The newest books of a category, enough of them to still have LIMIT after ``skip`` exclusions.
+
+        Asked of the catalog each time (an indexed read of a few books), not cached here: a cached list
+        would keep recommending a deleted or moved book; the gateway caches pages and drops them on events.
+        """
+        return await self.ctx.deps["catalog"].newest(category, min(100, LIMIT + skip))
 
     async def get(self):
         catalog = self.ctx.deps["catalog"]
@@ -51,7 +44,9 @@ class RecommendationsHandler(BaseHandler):
                                       details={"field": "isbn"})
         picks: list[dict] = []
         for category in categories:
-            for book in await self.category_books(category):
+            if len(picks) >= LIMIT:
+                break
+            for book in await self.category_books(category, len(exclude)):
                 if book["isbn"] not in exclude and len(picks) < LIMIT:
                     fields = ("isbn", "title", "authors", "category", "price_cents", "currency")
                     picks.append({k: book[k] for k in fields})

@@ -125,7 +125,12 @@ class TokensHandler(BaseHandler):
         attempts = self.ctx.deps["login_attempts"]
         email = body.email.strip().lower()[:254]
         email_key, ip_key = f"email:{email}", f"ip:{self.client_address()}"
-        wait = max(await attempts.locked_for(email_key), await attempts.locked_for(ip_key))
+        lock = datetime.timedelta(seconds=settings.login_lock_seconds)
+        window = datetime.timedelta(minutes=15)
+        wait = await attempts.locked_for(ip_key)
+        if wait <= 0:
+            # counted before the (slow) password check: a burst of parallel guesses gets no more than the limit
+            wait = await attempts.begin(email_key, settings.login_max_failures, lock, window)
         if wait > 0:
             raise errors.RateLimited("too many failed logins; try again later", code="too_many_attempts",
                                      retry_after=math.ceil(wait))
@@ -133,9 +138,7 @@ class TokensHandler(BaseHandler):
         stored = user["password_hash"] if user else None
         ok = await in_thread(accounts.verify_password, stored, body.password)
         if not ok:
-            lock = datetime.timedelta(seconds=settings.login_lock_seconds)
-            window = datetime.timedelta(minutes=15)
-            await attempts.fail(email_key, settings.login_max_failures, lock, window)
+            await attempts.fail(email_key, settings.login_max_failures, lock, window, counted=True)
             await attempts.fail(ip_key, settings.login_max_failures * 10, lock, window)
             self.ctx.metrics.count("logins_failed")
             raise errors.Unauthenticated("wrong email or password", code="invalid_credentials")

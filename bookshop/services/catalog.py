@@ -89,6 +89,7 @@ class CursorCodec:
 def page_limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # ASCII only: str.isdigit() also accepts "²" (int() then fails) and other scripts' digits
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         raise _bad("limit", f"must be an integer from 1 to {MAX_LIMIT}")
     return int(raw)

@@ -34,6 +34,11 @@ class PlaceOrder:
 
 
 class Checkout:
+    """The checkout saga: placing, confirming, cancelling and shipping orders, and recovering the
+    sagas their owners left unfinished."""
+
+    RECOVERY_CONCURRENCY = 8
+
     def __init__(self, repo, catalog, inventory, payments, currency: str, lease_seconds: float, metrics=None,
                  kick=lambda: None, new_id=None, now=None):
         self.repo = repo
@@ -46,6 +51,8 @@ class Checkout:
         self.kick = kick
         self.new_id = new_id
         self.now = now
+        self._recovering: dict[str, asyncio.Future] = {}  # order id -> its recovery task
+        self._recovery_gate = asyncio.Semaphore(self.RECOVERY_CONCURRENCY)
 
     def _count(self, name: str) -> None:
         if self.metrics is not None:
@@ -208,19 +215,46 @@ class Checkout:
         return doc
 
     # -- recovery -----------------------------------------------------------------------------------------
-    async def recover(self) -> int:
-        """Drive forward or compensate every open order whose owner's lease ran out."""
-        count = 0
+    async def recover(self, wait: float | None = None) -> int:
+        """Drive forward or compensate every open order whose owner's lease ran out; returns how many.
+
+        Orders are recovered side by side, each in a task of its own: one order can be stuck for a long
+        time (a process killed mid-transaction leaves the order's document locked until the database
+        reaps that transaction, 60 s on mongod) and must not hold up all the others. With ``wait``, the
+        pass returns after that many seconds and leaves slow orders running; a later pass skips them.
+        """
+        tasks = []
         for candidate in await self.repo.unfinished():
-            order = await self.repo.take_lease(candidate["_id"], self.lease)
-            if order is None:
-                continue  # another instance took it
+            order_id = candidate["_id"]
+            if order_id in self._recovering:
+                continue
+            task = asyncio.ensure_future(self._recover_candidate(order_id))
+            self._recovering[order_id] = task
+            task.add_done_callback(lambda _t, oid=order_id: self._recovering.pop(oid, None))
+            tasks.append(task)
+        if not tasks:
+            return 0
+        done, _ = await asyncio.wait(tasks, timeout=wait)
+        return sum(1 for t in done if not t.cancelled() and t.result())
+
+    async def _recover_candidate(self, order_id: str) -> bool:
+        async with self._recovery_gate:
             try:
+                order = await self.repo.take_lease(order_id, self.lease)
+                if order is None:
+                    return False  # another instance took it, or it finished meanwhile
                 await self._recover_one(order)
-                count += 1
+                return True
             except errors.DomainError as exc:
-                log.warning("order %s: recovery postponed: %s", order["_id"], exc.code)
-        return count
+                log.warning("order %s: recovery postponed: %s", order_id, exc.code)
+            except Exception:  # noqa: BLE001 - a task of its own: nobody else would see this
+                log.exception("order %s: recovery failed", order_id)
+            return False
+
+    def stop_recovery(self) -> None:
+        """Cancel the recoveries still running (at shutdown); their orders' leases let others resume."""
+        for task in list(self._recovering.values()):
+            task.cancel()
 
     async def _recover_one(self, order: dict) -> None:
         order_id = order["_id"]
@@ -242,17 +276,20 @@ class Checkout:
         self._count("orders_recovered")
 
     async def recover_forever(self, stop: asyncio.Event, every: float = 2.0) -> None:
-        while not stop.is_set():
-            try:
-                await self.recover()
-            except errors.DomainError as exc:
-                log.warning("recovery pass failed: %s", exc.code)
-            except Exception:  # noqa: BLE001 - the loop must outlive a bad pass (e.g. database down)
-                log.exception("recovery pass failed")
-            try:
-                await asyncio.wait_for(stop.wait(), every)
-            except asyncio.TimeoutError:
-                pass
+        try:
+            while not stop.is_set():
+                try:
+                    await self.recover(wait=every)
+                except errors.DomainError as exc:
+                    log.warning("recovery pass failed: %s", exc.code)
+                except Exception:  # noqa: BLE001 - the loop must outlive a bad pass (e.g. database down)
+                    log.exception("recovery pass failed")
+                try:
+                    await asyncio.wait_for(stop.wait(), every)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self.stop_recovery()
 
 
 def _seconds(value: float):

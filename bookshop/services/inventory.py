@@ -88,11 +88,21 @@ class Reservations:
                         short.append({"isbn": s_isbn, "requested": s_qty, "available": max(0, level["available"])})
                 doc = await self.headers.move(order_id, [ReservationState.RESERVING], ReservationState.REJECTED,
                                               busy=False, short=short)
-                return self.view(doc)
+                return self.view(doc) if doc is not None else await self._decided_elsewhere(order_id, items)
             held.append((isbn, qty))
         expires = self.clock() + datetime.timedelta(seconds=self.ttl)
         doc = await self.headers.move(order_id, [ReservationState.RESERVING], ReservationState.HELD,
                                       busy=False, expires_at=expires)
+        return self.view(doc) if doc is not None else await self._decided_elsewhere(order_id, items)
+
+    async def _decided_elsewhere(self, order_id: str, items: list[tuple[str, int]]) -> dict:
+        """We were slower than our lock and another caller or the sweeper decided this reservation.
+        If it gave the stock back, a unit we held after that must go back too (unhold is idempotent)."""
+        doc = await self.headers.get(order_id)
+        if doc["state"] in (ReservationState.REJECTED.value, ReservationState.RELEASED.value,
+                            ReservationState.EXPIRED.value):
+            for isbn, qty in items:
+                await self.levels.unhold(isbn, order_id, qty, sold=False)
         return self.view(doc)
 
     async def _outcome(self, order_id: str, wait: float = 5.0) -> dict:

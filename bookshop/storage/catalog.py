@@ -6,6 +6,7 @@ import pymongo
 from bookshop.storage.mongo import DuplicateKeyError
 from bookshop.storage.outbox import EventLog, new_event, utcnow
 
+NEWEST = [("category", 1), ("published_year", -1), ("_id", 1)]
 PUBLIC_FIELDS = ("isbn", "title", "authors", "category", "price_cents", "currency", "description",
                  "published_year", "created_at", "updated_at")
 
@@ -30,6 +31,7 @@ class BookRepo:
         await self.books.create_index([("words", 1), ("_id", 1)])
         await self.books.create_index([("author_words", 1), ("_id", 1)])
         await self.books.create_index([("category", 1), ("_id", 1)])
+        await self.books.create_index(NEWEST)
 
     async def get(self, isbn: str) -> dict | None:
         return await self.books.find_one({"_id": isbn, "deleted_at": None})
@@ -55,10 +57,12 @@ class BookRepo:
         except DuplicateKeyError:
             return None
 
-    async def update(self, isbn: str, changes: dict) -> dict | None:
+    async def update(self, isbn: str, changes: dict, expect: dict | None = None) -> dict | None:
+        """Apply ``changes`` (with a ``book.updated`` event) if the book is on sale and still has the
+        ``expect`` values; None otherwise."""
         async def work(session):
             doc = await self.books.find_one_and_update(
-                {"_id": isbn, "deleted_at": None}, {"$set": {**changes, "updated_at": utcnow()}},
+                {"_id": isbn, "deleted_at": None, **(expect or {})}, {"$set": {**changes, "updated_at": utcnow()}},
                 return_document=pymongo.ReturnDocument.AFTER, session=session)
             if doc is not None:
                 await self.events.record(new_event("book.updated", book_view(doc)), session=session)
@@ -97,6 +101,16 @@ class BookRepo:
         query, hint = self._query(q_words, author_words, category, after)
         cursor = self.books.find(query).sort("_id", 1).hint(hint).limit(limit)
         return await cursor.to_list(limit)
+
+    def _newest(self, category: str, limit: int):
+        return self.books.find({"category": category, "deleted_at": None}).sort(NEWEST[1:]).hint(NEWEST).limit(limit)
+
+    async def newest(self, category: str, limit: int) -> list[dict]:
+        """Books on sale in a category, newest first (by year, undated ones last, then by ISBN)."""
+        return await self._newest(category, limit).to_list(limit)
+
+    async def explain_newest(self, category: str, limit: int) -> dict:
+        return await self._newest(category, limit).explain()
 
     async def explain_search(self, q_words, author_words, category, after, limit) -> dict:
         query, hint = self._query(q_words, author_words, category, after)

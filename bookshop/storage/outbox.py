@@ -165,6 +165,11 @@ class Relay:
         except pymongo.errors.DuplicateKeyError:
             self._next_seq = None
             return False
+        if doc is None:
+            # lost a race for the lease: the embedded server answers null here instead of a duplicate key
+            # (an AttributeError below would end the relay task, and the service's events with it)
+            self._next_seq = None
+            return False
         if self._next_seq is None:
             self._next_seq = max(await self.log.latest_seq(), doc.get("last_seq", 0)) + 1
         return True

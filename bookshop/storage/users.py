@@ -6,6 +6,7 @@ import datetime
 import pymongo
 from bson import ObjectId
 
+from bookshop.services.errors import Unavailable
 from bookshop.storage.mongo import DuplicateKeyError
 from bookshop.storage.outbox import utcnow
 
@@ -94,10 +95,11 @@ class KeyRepo:
 
     async def rotate(self, key: dict, keep_old_for: datetime.timedelta) -> None:
         now = utcnow()
-        await self.keys.update_many({"active": True},
-                                    {"$set": {"active": False, "retire_at": now + keep_old_for}})
+        # the new key first: there is never a moment without an active key (logins would get 503)
         await self.keys.insert_one({"_id": key["kid"], **key, "active": True, "created_at": now,
                                     "retire_at": None})
+        await self.keys.update_many({"active": True, "_id": {"$ne": key["kid"]}},
+                                    {"$set": {"active": False, "retire_at": now + keep_old_for}})
 
     async def published(self) -> list[dict]:
         now = utcnow()
@@ -124,15 +126,46 @@ class LoginAttemptRepo:
             return max(0.0, left)
         return 0.0
 
-    async def fail(self, key: str, limit: int, lock: datetime.timedelta, window: datetime.timedelta) -> None:
+    async def begin(self, key: str, limit: int, lock: datetime.timedelta, window: datetime.timedelta) -> float:
+        """Count an attempt as a failure *before* its password is checked (``succeed`` forgets the count), so
+        concurrent guesses cannot slip in under the limit. Seconds to wait; 0 when it may go ahead.
+
+        The lock and the count are read from the one atomic increment, and a lock keeps its count until it
+        runs out, so no attempt can see "unlocked" after the lock was set."""
         now = utcnow()
-        doc = await self.attempts.find_one_and_update(
-            {"_id": key}, {"$inc": {"failures": 1}, "$set": {"expires_at": now + window}},
-            upsert=True, return_document=pymongo.ReturnDocument.AFTER)
-        if doc["failures"] >= limit:
-            await self.attempts.update_one({"_id": key}, {"$set": {"locked_until": now + lock,
-                                                                   "expires_at": now + lock + window},
-                                                          "$unset": {"failures": ""}})
+        # a lock that has run out starts a new count
+        await self.attempts.update_one({"_id": key, "locked_until": {"$lte": now}},
+                                       {"$set": {"failures": 0}, "$unset": {"locked_until": ""}})
+        doc = await self._count(key, now + window)
+        locked_until = doc.get("locked_until")
+        if locked_until is not None and locked_until > now:
+            return (locked_until - now).total_seconds()
+        return lock.total_seconds() if doc["failures"] > limit else 0.0
+
+    async def _count(self, key: str, expires_at: datetime.datetime) -> dict:
+        for _ in range(3):
+            try:
+                doc = await self.attempts.find_one_and_update(
+                    {"_id": key}, {"$inc": {"failures": 1}, "$max": {"expires_at": expires_at}},
+                    upsert=True, return_document=pymongo.ReturnDocument.AFTER)
+            except DuplicateKeyError:  # MongoDB: two first attempts raced to create the counter; count again
+                continue
+            if doc is None:  # the embedded server answers some racing upserts with no document, yet applies them
+                doc = await self.attempts.find_one({"_id": key})
+            if doc is not None:
+                return doc
+        raise Unavailable("login attempts could not be counted; retry", retry_after=1)
+
+    async def fail(self, key: str, limit: int, lock: datetime.timedelta, window: datetime.timedelta,
+                   counted: bool = False) -> None:
+        """Record a failure (``counted``: already counted by ``begin``); lock ``key`` once it reaches ``limit``."""
+        now = utcnow()
+        doc = (await self.attempts.find_one({"_id": key}) if counted else await self._count(key, now + window))
+        if doc is not None and doc.get("failures", 0) >= limit:
+            update: dict = {"$set": {"locked_until": now + lock}, "$max": {"expires_at": now + lock + window}}
+            if not counted:
+                update["$unset"] = {"failures": ""}
+            await self.attempts.update_one({"_id": key}, update)
 
     async def succeed(self, key: str) -> None:
         await self.attempts.delete_one({"_id": key})

@@ -50,13 +50,16 @@ class StreamFollower:
                         frame = json.loads(msg.data)
                         if frame.get("type") == "hello":
                             if first and stream.seq == 0:
-                                stream.seq = frame["seq"]
+                                self.hub.start(self.stream_name, frame["seq"])
                             first = False
                             backoff = 0.2
                             self._set_connected(True)
                         elif frame.get("type") == "event":
                             frame.pop("type")
                             self.hub.publish(self.stream_name, frame)
+                            # aiohttp hands over a burst of buffered frames without yielding: let the
+                            # clients' writers run, or a burst longer than their queues closes them all
+                            await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except (aiohttp.ClientError, asyncio.TimeoutError, Unavailable, ValueError, OSError) as exc:

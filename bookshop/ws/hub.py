@@ -14,6 +14,7 @@ import json
 import logging
 from typing import Any, Awaitable, Callable, Protocol
 
+from bookshop.services.errors import DomainError
 from bookshop.ws.channels import CHANNELS, Filter
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 SLOW_CLIENT = 4008
 QUEUE_LIMIT = 500
 BUFFER = 5000
+# a catch-up sends this many events at a time, each batch once the client's queue is this short again, so a
+# client far behind is paced instead of being taken for a slow one (live events still have room)
+CATCH_UP_CHUNK = QUEUE_LIMIT // 4
 
 
 class Connection(Protocol):
@@ -60,7 +64,7 @@ class Subscription:
 class Client:
     """A connected WebSocket client: its subscriptions and its bounded outgoing queue."""
 
-    __slots__ = ("conn", "subs", "queue", "writing", "closed", "principal", "__weakref__")
+    __slots__ = ("conn", "subs", "queue", "writing", "closed", "principal", "room", "__weakref__")
 
     def __init__(self, conn: Connection):
         self.conn = conn
@@ -69,6 +73,8 @@ class Client:
         self.writing = False
         self.closed = False
         self.principal = None
+        self.room = asyncio.Event()  # set while the queue is short enough for another catch-up chunk
+        self.room.set()
 
     def send(self, frame: str) -> None:
         if self.closed:
@@ -76,9 +82,12 @@ class Client:
         if len(self.queue) >= QUEUE_LIMIT:
             self.closed = True
             self.queue.clear()
+            self.room.set()
             self.conn.close_slow()
             return
         self.queue.append(frame)
+        if len(self.queue) >= CATCH_UP_CHUNK:
+            self.room.clear()
         if not self.writing:
             self.writing = True
             asyncio.ensure_future(self._drain())
@@ -87,11 +96,14 @@ class Client:
         try:
             while self.queue and not self.closed:
                 await self.conn.write_frame(self.queue.popleft())
+                if len(self.queue) < CATCH_UP_CHUNK:
+                    self.room.set()
         except Exception:  # noqa: BLE001 - a closed socket ends this client, nothing else
             self.closed = True
             self.queue.clear()
         finally:
             self.writing = False
+            self.room.set()
 
 
 def event_frame(channel: str, event: dict) -> str:
@@ -111,6 +123,7 @@ class Hub:
         self.metrics = metrics
         # channel -> clients subscribed to it
         self._by_channel: dict[str, set[Client]] = collections.defaultdict(set)
+        self._resuming: set[asyncio.Future] = set()
 
     # -- clients ------------------------------------------------------------------------------------
     def join(self, conn: Connection) -> Client:
@@ -121,6 +134,7 @@ class Hub:
 
     def leave(self, client: Client) -> None:
         client.closed = True
+        client.room.set()  # wakes a catch-up waiting for this client, which then ends
         for channel in client.subs:
             self._by_channel[channel].discard(client)
         client.subs.clear()
@@ -163,15 +177,23 @@ class Hub:
         return after
 
     async def _catch_up(self, client: Client, sub: Subscription, stream: Stream, after: int) -> None:
-        """Send what happened after ``after``, then go live."""
-        while not client.closed and client.subs.get(sub.channel) is sub:
+        """Send what happened after ``after``, then go live.
+
+        At most ``CATCH_UP_CHUNK`` events at a time, each chunk once the client's queue has room again."""
+        while True:
+            await client.room.wait()
+            if client.closed or client.subs.get(sub.channel) is not sub:
+                return
             buffered = stream.since(after)
-            if buffered is not None:
+            if buffered is not None and len(buffered) <= CATCH_UP_CHUNK:
                 # the rest is in our buffer: send it and go live, with no await in between
                 sub.last = self._deliver(client, sub, buffered, after)
                 sub.live = True
                 return
-            page = await stream.source.read(after, 500)
+            if buffered is not None:
+                after = self._deliver(client, sub, buffered[:CATCH_UP_CHUNK], after)
+                continue
+            page = await stream.source.read(after, CATCH_UP_CHUNK)
             items = page["items"]
             first = items[0]["seq"] if items else None
             if (first is not None and first > after + 1) or (first is None and page.get("oldest", 0) > after + 1):
@@ -184,6 +206,38 @@ class Hub:
             after = self._deliver(client, sub, items, after)
 
     # -- events from the services ---------------------------------------------------------------------
+    def start(self, stream_name: str, seq: int) -> None:
+        """The follower's first contact with a service: its log is at ``seq``.
+
+        Clients that subscribed before (a restarted gateway's clients come back at once) went live at the
+        seq they asked for; the events between that and ``seq`` never pass through ``publish``, so those
+        subscriptions catch up from the service's log again.
+        """
+        stream = self.streams[stream_name]
+        if seq <= stream.seq:
+            return
+        stream.seq = seq
+        for channel, source in CHANNELS.items():
+            if source != stream_name:
+                continue
+            for client in list(self._by_channel.get(channel, ())):
+                sub = client.subs.get(channel)
+                if sub is not None and sub.live and sub.last < seq:
+                    sub.live = False
+                    task = asyncio.ensure_future(self._resume(client, sub, stream))
+                    self._resuming.add(task)
+                    task.add_done_callback(self._resuming.discard)
+
+    async def _resume(self, client: Client, sub: Subscription, stream: Stream) -> None:
+        try:
+            await self._catch_up(client, sub, stream, sub.last)
+        except DomainError as exc:
+            if client.subs.get(sub.channel) is sub:
+                self.unsubscribe(client, sub.channel)
+                client.send(json.dumps({"type": "error", "code": "unavailable", "channel": sub.channel,
+                                        "message": f"{sub.channel} is unavailable now ({exc.message}); "
+                                                   "subscribe again shortly with after"}))
+
     def publish(self, stream_name: str, event: dict) -> None:
         stream = self.streams[stream_name]
         if event["seq"] <= stream.seq:

@@ -1,0 +1,256 @@
+"""The outbox and its relays against the real database: numbering without holes or duplicates, under
+concurrent writers and competing relays, and after a relay crashed half-way."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import random
+import uuid
+
+import pytest
+
+from bookshop.storage.inventory import LevelRepo
+from bookshop.storage.mongo import Database
+from bookshop.storage.outbox import EventLog, Relay, new_event, utcnow
+
+WRITERS = 32
+TRANSACTIONS = 200
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+class SimulatedCrash(Exception):
+    """The relay process died at this point."""
+
+
+class CrashOnDelete:
+    """An outbox collection whose relay dies right after numbering, before removing what it moved."""
+
+    def __init__(self, collection):
+        self._collection = collection
+
+    def __getattr__(self, name):
+        return getattr(self._collection, name)
+
+    async def delete_many(self, *args, **kwargs):
+        raise SimulatedCrash()
+
+
+async def fresh_log(mongodb_uri: str, name: str) -> tuple[Database, EventLog]:
+    db = Database(mongodb_uri, name)
+    log = EventLog(db)
+    await log.create_indexes()
+    return db, log
+
+
+async def expire_lease(log: EventLog) -> None:
+    """As if the lease holder had stalled for longer than its lease."""
+    await log.meta.update_one({"_id": "relay"}, {"$set": {"lease_until": EPOCH}})
+
+
+def assert_contiguous(seqs: list[int], after: int) -> None:
+    assert seqs == list(range(after + 1, after + 1 + len(seqs))), f"hole or reorder after {after}: {seqs[:10]}"
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_concurrent_writers_and_two_relays_number_every_event_once_without_holes(mongodb_uri):
+    name = "outbox_" + uuid.uuid4().hex[:10]
+    db_a, log_a = await fresh_log(mongodb_uri, name)
+    db_b, log_b = await fresh_log(mongodb_uri, name)  # another instance of the service: its own client
+    relays = [Relay(log_a, batch=25), Relay(log_b, batch=25)]
+    stop = asyncio.Event()
+    recorded: list[str] = []
+    tickets = iter(range(TRANSACTIONS))
+    seen: list[int] = []
+    reader_errors: list[str] = []
+
+    async def writer():
+        for n in tickets:
+            event = new_event("book.created", {"n": n, "isbn": f"isbn-{n}"})
+
+            async def work(session, n=n, event=event):
+                await db_a["books"].insert_one({"_id": f"isbn-{n}", "n": n}, session=session)
+                await log_a.record(event, session=session)
+            await db_a.transaction(work)
+            recorded.append(str(event["_id"]))
+            random.choice(relays).kick()
+
+    async def lease_thief():
+        # move the lease again and again, each time once its new holder made progress, and often while a
+        # relay is half-way through a pass: both relays move events, and fence each other
+        for turn in itertools.count():
+            if turn % 3 == 2:
+                await expire_lease(log_a)  # up for grabs
+                holders = relays
+            else:
+                holders = [relays[turn % 2]]
+                await log_a.meta.update_one({"_id": "relay"}, {"$set": {
+                    "owner": holders[0].owner, "lease_until": utcnow() + datetime.timedelta(seconds=5)}})
+            before = sum(r.moved for r in holders)
+            while sum(r.moved for r in holders) == before:
+                if stop.is_set():
+                    return
+                await asyncio.sleep(0.002)
+            await asyncio.sleep(random.uniform(0, 0.01))
+
+    async def reader():
+        after = 0
+        while not stop.is_set() or after < TRANSACTIONS:
+            page = await log_b.read(after, 1000)
+            seqs = [e["seq"] for e in page]
+            if seqs and seqs[0] != after + 1:
+                reader_errors.append(f"after {after} the log showed {seqs[:5]}")
+            if seqs != list(range(after + 1, after + 1 + len(seqs))):
+                reader_errors.append(f"after {after} the log showed {seqs[:20]}")
+                return
+            seen.extend(seqs)
+            after = seqs[-1] if seqs else after
+            await asyncio.sleep(0.002)
+
+    running = [asyncio.ensure_future(r.run(stop, idle=0.02)) for r in relays]
+    thief = asyncio.ensure_future(lease_thief())
+    reading = asyncio.ensure_future(reader())
+    try:
+        await asyncio.gather(*(writer() for _ in range(WRITERS)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while await log_a.events.count_documents({}) < TRANSACTIONS or await log_a.outbox.count_documents({}):
+            assert loop.time() < deadline, "the relays did not drain the outbox"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(reading, 10)
+        await asyncio.gather(*running, thief)
+
+        docs = await log_a.events.find({}).sort("seq", 1).to_list(None)
+        assert [d["seq"] for d in docs] == list(range(1, TRANSACTIONS + 1))
+        assert sorted(d["source"] for d in docs) == sorted(recorded)
+        assert sorted(d["data"]["n"] for d in docs) == list(range(TRANSACTIONS))
+        assert await log_a.latest_seq() == TRANSACTIONS
+        assert await log_a.oldest_seq() == 1
+        assert relays[0].moved > 0 and relays[1].moved > 0, "both relays should have held the lease"
+        assert relays[0].moved + relays[1].moved == TRANSACTIONS
+        assert reader_errors == []
+        assert seen == list(range(1, TRANSACTIONS + 1))
+        public = await log_a.read(TRANSACTIONS - 2, 10)
+        assert [e["seq"] for e in public] == [TRANSACTIONS - 1, TRANSACTIONS]
+        assert set(public[0]) == {"seq", "event", "data", "at"} and public[0]["at"].endswith("Z")
+    finally:
+        stop.set()
+        for task in (*running, thief, reading):
+            task.cancel()
+        await asyncio.gather(*running, thief, reading, return_exceptions=True)
+        await db_a.client.drop_database(name)
+        db_a.close()
+        db_b.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_rolled_back_change_is_never_announced(mongodb_uri):
+    name = "outbox_" + uuid.uuid4().hex[:10]
+    db, log = await fresh_log(mongodb_uri, name)
+    try:
+        async def work(session):
+            await log.record(new_event("book.created", {"isbn": "nope"}), session=session)
+            await db["books"].insert_one({"_id": "nope"}, session=session)
+            raise SimulatedCrash()
+        with pytest.raises(SimulatedCrash):
+            await db.transaction(work)
+        assert await Relay(log).run_once() == 0
+        assert await log.events.count_documents({}) == 0
+        assert await db["books"].count_documents({}) == 0
+    finally:
+        await db.client.drop_database(name)
+        db.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_event_numbered_by_a_relay_that_crashed_before_removing_it_is_not_numbered_again(mongodb_uri):
+    name = "outbox_" + uuid.uuid4().hex[:10]
+    db, log = await fresh_log(mongodb_uri, name)
+    try:
+        levels = LevelRepo(db)
+        await levels.create_indexes()
+        first, second = new_event("book.created", {"isbn": "a"}), new_event("book.created", {"isbn": "b"})
+        await log.record(first)
+        await log.record(second)
+        await levels.restock("9780000000002", 3)  # a hot document: the event waits inside it
+
+        async def crashing_levels(limit):
+            found = await levels.pending_events(limit)
+
+            async def crash():
+                raise SimulatedCrash()
+            return [(event, crash if ack is not None else None) for event, ack in found]
+
+        doomed_log = EventLog(db)
+        doomed_log.outbox = CrashOnDelete(log.outbox)
+        with pytest.raises(SimulatedCrash):
+            await Relay(doomed_log, [crashing_levels]).run_once()
+        assert await log.events.count_documents({}) == 3  # numbered, but still waiting where they were
+        assert await log.outbox.count_documents({}) == 2
+
+        await expire_lease(log)
+        doomed_log.outbox = log.outbox
+        with pytest.raises(SimulatedCrash):
+            await Relay(doomed_log, [crashing_levels]).run_once()  # numbered outbox, died before the ack
+        await expire_lease(log)
+
+        await log.record(new_event("book.created", {"isbn": "c"}))
+        await levels.restock("9780000000002", 4)
+        successor = Relay(log, [levels.pending_events])
+        assert await successor.run_once() == 2  # only the two new ones
+        assert await successor.run_once() == 0
+        events = await log.read(0, 100)
+        assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+        assert [e["data"].get("isbn") for e in events] == ["a", "b", "9780000000002", "c", "9780000000002"]
+        assert [e["data"].get("on_hand") for e in events[2::2]] == [3, 7]
+        assert await log.outbox.count_documents({}) == 0
+        assert await db["levels"].count_documents({"pending.at": {"$gte": EPOCH}}) == 0
+    finally:
+        await db.client.drop_database(name)
+        db.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_relay_that_lost_its_lease_is_fenced_and_never_overwrites_a_seq(mongodb_uri):
+    name = "outbox_" + uuid.uuid4().hex[:10]
+    db, log = await fresh_log(mongodb_uri, name)
+    try:
+        old, new = Relay(log), Relay(log)
+        await log.record(new_event("book.created", {"isbn": "a"}))
+        assert await old.run_once() == 1
+        assert await new.run_once() == 0  # the lease is held
+        await expire_lease(log)
+        await log.record(new_event("book.created", {"isbn": "b"}))
+        assert await new.run_once() == 1  # took over at seq 2
+        await expire_lease(log)
+        await log.record(new_event("book.created", {"isbn": "c"}))
+        old._next_seq = 2  # it never noticed it lost the lease in between
+        assert await old.run_once() == 0  # seq 2 is taken: fenced
+        assert await old.run_once() == 1  # re-read the tail: seq 3
+        events = await log.read(0, 10)
+        assert [(e["seq"], e["data"]["isbn"]) for e in events] == [(1, "a"), (2, "b"), (3, "c")]
+    finally:
+        await db.client.drop_database(name)
+        db.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_waiter_wakes_when_the_relay_numbers_an_event(mongodb_uri):
+    name = "outbox_" + uuid.uuid4().hex[:10]
+    db, log = await fresh_log(mongodb_uri, name)
+    try:
+        relay = Relay(log)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waiting = asyncio.ensure_future(log.wait(0, 5.0))
+        await asyncio.sleep(0.05)
+        await log.record(new_event("book.created", {"isbn": "a"}))
+        assert await relay.run_once() == 1
+        await asyncio.wait_for(waiting, 2.0)
+        assert loop.time() - started < 1.0
+        await log.wait(0, 5.0)  # already past: returns at once
+        assert loop.time() - started < 1.0
+    finally:
+        await db.client.drop_database(name)
+        db.close()

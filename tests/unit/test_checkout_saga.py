@@ -1,0 +1,672 @@
+"""The checkout saga and its recovery, against in-memory fakes of the order repository, the catalogue,
+inventory and payments (no database, no network). The fakes keep the upstreams' contracts: reservations and
+charges are idempotent per order id, a refund of an order never charged voids it, errors are domain errors."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+
+import pytest
+
+from bookshop.services import cards, errors
+from bookshop.services.checkout import Checkout, PlaceOrder
+from bookshop.services.orders import OrderStatus
+
+A, B = "9780000000001", "9780000000002"
+CARD = {"card_number": "4242424242424242", "exp_month": 12, "exp_year": 2035, "cvc": "123"}
+ADDRESS = {"name": "Ann", "line1": "1 Book Street", "city": "Lyon", "postal_code": "69001", "country": "FR"}
+LEASE = 10.0
+
+
+class Clock:
+    def __init__(self):
+        self.now = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+
+    def __call__(self) -> datetime.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += datetime.timedelta(seconds=seconds)
+
+
+def _set(doc: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        doc = doc[part]
+    doc[last] = value
+
+
+class FakeRepo:
+    """The order repository's behaviour (orders.OrderRepo), in memory."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.orders: dict[str, dict] = {}
+        self.promotions: dict[str, str] = {}
+        self.cleared_carts: list[str] = []
+
+    async def get(self, order_id):
+        return copy.deepcopy(self.orders.get(order_id))
+
+    async def promotion_claimed(self, user_id):
+        return user_id in self.promotions
+
+    async def create(self, doc, claim_promotion):
+        if claim_promotion:
+            if doc["user_id"] in self.promotions:
+                return False
+            self.promotions[doc["user_id"]] = doc["_id"]
+        self.orders[doc["_id"]] = copy.deepcopy(doc)
+        return True
+
+    async def transition(self, order_id, from_status, to, *, reason=None, set_fields=None, todo=None,
+                         release_promotion=False, clear_cart=False):
+        doc = self.orders.get(order_id)
+        if doc is None or doc["status"] not in [s.value for s in from_status]:
+            return None
+        entry = {"status": to.value, "at": self.clock()}
+        if reason:
+            entry["reason"] = reason
+        doc["status"] = to.value
+        doc["history"].append(entry)
+        for path, value in (set_fields or {}).items():
+            _set(doc, path, value)
+        doc["open"] = to is OrderStatus.PENDING
+        if todo:
+            doc["todo"] += [t for t in todo if t not in doc["todo"]]
+            doc["open"] = True
+        if release_promotion and doc["promotion_applied"] and self.promotions.get(doc["user_id"]) == order_id:
+            del self.promotions[doc["user_id"]]
+        if clear_cart:
+            self.cleared_carts.append(doc["user_id"])
+        return copy.deepcopy(doc)
+
+    async def done_todo(self, order_id, item, set_fields=None):
+        doc = self.orders[order_id]
+        doc["todo"] = [t for t in doc["todo"] if t != item]
+        for path, value in (set_fields or {}).items():
+            _set(doc, path, value)
+        if not doc["todo"] and doc["status"] != OrderStatus.PENDING.value:
+            doc["open"] = False
+        return copy.deepcopy(doc)
+
+    async def take_lease(self, order_id, seconds):
+        doc = self.orders.get(order_id)
+        if doc is None or not doc["open"] or not doc["saga_lease"] < self.clock():
+            return None
+        doc["saga_lease"] = self.clock() + datetime.timedelta(seconds=seconds)
+        return copy.deepcopy(doc)
+
+    async def extend_lease(self, order_id, seconds):
+        self.orders[order_id]["saga_lease"] = self.clock() + datetime.timedelta(seconds=seconds)
+
+    async def unfinished(self, limit=100):
+        return [copy.deepcopy(d) for d in self.orders.values() if d["open"] and d["saga_lease"] < self.clock()]
+
+
+class FakeCatalog:
+    def __init__(self, books: dict[str, dict]):
+        self.on_sale = books
+
+    async def books(self, isbns):
+        return {i: self.on_sale[i] for i in isbns if i in self.on_sale}
+
+
+class Down:
+    """Makes the named operations of a fake raise Unavailable, as the client does for a dead upstream."""
+
+    def __init__(self):
+        self.down: set[str] = set()
+
+    def check(self, operation: str) -> None:
+        if operation in self.down or "*" in self.down:
+            raise errors.Unavailable(f"{operation}: upstream unavailable", retry_after=2)
+
+
+class FakeInventory(Down):
+    """The inventory service's reservations: all-or-nothing, idempotent per order id."""
+
+    def __init__(self, stock: dict[str, int]):
+        super().__init__()
+        self.on_hand = dict(stock)
+        self.reserved = {isbn: 0 for isbn in stock}
+        self.reservations: dict[str, dict] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def available(self, isbn: str) -> int:
+        return self.on_hand[isbn] - self.reserved[isbn]
+
+    def levels(self, isbn: str) -> tuple[int, int]:
+        return self.on_hand[isbn], self.reserved[isbn]
+
+    async def reserve(self, order_id, lines):
+        self.calls.append(("reserve", order_id))
+        self.check("reserve")
+        if order_id in self.reservations:
+            return copy.deepcopy(self.reservations[order_id])
+        short = [{"isbn": ln["isbn"], "requested": ln["quantity"], "available": max(0, self.available(ln["isbn"]))}
+                 for ln in lines if self.available(ln["isbn"]) < ln["quantity"]]
+        if short:
+            res = {"order_id": order_id, "state": "rejected", "items": lines, "short": short}
+        else:
+            for ln in lines:
+                self.reserved[ln["isbn"]] += ln["quantity"]
+            res = {"order_id": order_id, "state": "held", "items": lines}
+        self.reservations[order_id] = res
+        return copy.deepcopy(res)
+
+    def _not_held(self, res):
+        return errors.Conflict(f"reservation is {res['state']}", code="reservation_not_held",
+                               details=copy.deepcopy(res))
+
+    async def commit(self, order_id):
+        self.calls.append(("commit", order_id))
+        self.check("commit")
+        res = self.reservations.get(order_id)
+        if res is None:
+            return {"order_id": order_id, "state": "none"}
+        if res["state"] == "held":
+            for ln in res["items"]:
+                self.reserved[ln["isbn"]] -= ln["quantity"]
+                self.on_hand[ln["isbn"]] -= ln["quantity"]
+            res["state"] = "committed"
+        if res["state"] != "committed":
+            raise self._not_held(res)
+        return copy.deepcopy(res)
+
+    async def release(self, order_id):
+        self.calls.append(("release", order_id))
+        self.check("release")
+        res = self.reservations.get(order_id)
+        if res is None:
+            return {"order_id": order_id, "state": "none"}
+        if res["state"] == "held":
+            for ln in res["items"]:
+                self.reserved[ln["isbn"]] -= ln["quantity"]
+        if res["state"] in ("held", "rejected"):
+            res["state"] = "released"
+        if res["state"] not in ("released", "expired"):
+            raise self._not_held(res)
+        return copy.deepcopy(res)
+
+    async def put_back(self, order_id):
+        self.calls.append(("put_back", order_id))
+        self.check("put_back")
+        res = self.reservations.get(order_id)
+        if res is None:
+            return {"order_id": order_id, "state": "none"}
+        if res["state"] == "committed":
+            for ln in res["items"]:
+                self.on_hand[ln["isbn"]] += ln["quantity"]
+            res["state"] = "returned"
+        if res["state"] != "returned":
+            raise self._not_held(res)
+        return copy.deepcopy(res)
+
+    def expire(self, order_id):
+        """The sweeper's work: a held reservation past its time gives its stock back."""
+        res = self.reservations[order_id]
+        assert res["state"] == "held"
+        for ln in res["items"]:
+            self.reserved[ln["isbn"]] -= ln["quantity"]
+        res["state"] = "expired"
+
+
+class FakePayments(Down):
+    """The simulated card processor: one charge document per order, a void fences a late charge."""
+
+    def __init__(self):
+        super().__init__()
+        self.is_open = False
+        self.charges: dict[str, dict] = {}
+        self.lose_reply = False  # the charge lands but the caller hears nothing (a timeout)
+
+    async def charge(self, order_id, amount_cents, currency, card):
+        self.check("charge")
+        doc = self.charges.get(order_id)
+        if doc is None:
+            decision = cards.card_decision(card["card_number"])
+            status = "charged" if decision == cards.APPROVED else "declined"
+            doc = {"order_id": order_id, "status": status, "reason": None if status == "charged" else decision,
+                   "amount_cents": amount_cents, "refunded": False,
+                   "ledger": [{"kind": "charge", "amount_cents": amount_cents}] if status == "charged" else []}
+            self.charges[order_id] = doc
+        if doc["status"] == "voided":
+            raise errors.Conflict("this order's payment was voided", code="charge_voided")
+        if self.lose_reply:
+            raise errors.Unavailable("payments timed out", retry_after=2)
+        return copy.deepcopy(doc)
+
+    async def refund(self, order_id):
+        self.check("refund")
+        doc = self.charges.get(order_id)
+        if doc is None:
+            doc = self.charges[order_id] = {"order_id": order_id, "status": "voided", "refunded": False,
+                                            "ledger": []}
+        elif doc["status"] == "charged" and not doc["refunded"]:
+            doc["refunded"] = True
+            doc["ledger"].append({"kind": "refund", "amount_cents": doc["amount_cents"]})
+        return copy.deepcopy(doc)
+
+    async def status(self, order_id):
+        self.check("status")
+        return copy.deepcopy(self.charges.get(order_id))
+
+
+class World:
+    def __init__(self, stock=None, books=None):
+        self.clock = Clock()
+        self.repo = FakeRepo(self.clock)
+        self.catalog = FakeCatalog(books or {
+            A: {"isbn": A, "title": "Alpha", "price_cents": 1000, "currency": "EUR"},
+            B: {"isbn": B, "title": "Beta", "price_cents": 700, "currency": "EUR"},
+        })
+        self.inventory = FakeInventory(stock if stock is not None else {A: 10, B: 10})
+        self.payments = FakePayments()
+        self.kicks = 0
+        self.checkout = Checkout(self.repo, self.catalog, self.inventory, self.payments, "EUR", LEASE,
+                                 kick=self._kick, now=self.clock)
+        self._ids = 0
+
+    def _kick(self):
+        self.kicks += 1
+
+    def new_id(self) -> str:
+        self._ids += 1
+        return f"{self._ids:024x}"
+
+    def command(self, lines, user="u1", card=None, expected=None, from_cart=False) -> PlaceOrder:
+        return PlaceOrder(user_id=user, lines=lines, shipping_address=ADDRESS, card=card or CARD,
+                          expected_total_cents=expected, from_cart=from_cart)
+
+    async def place(self, lines, **kw) -> dict:
+        order = await self.checkout.create(self.new_id(), self.command(lines, **kw))
+        return await self.checkout.run(order, kw.get("card") or CARD)
+
+    def stored(self, order_id) -> dict:
+        return self.repo.orders[order_id]
+
+
+def statuses(doc):
+    return [h["status"] for h in doc["history"]]
+
+
+# -- placing orders --------------------------------------------------------------------------------------------
+@pytest.mark.gen_test
+async def test_happy_path_confirms_charges_and_sells_the_stock():
+    w = World()
+    order = await w.place([(A, 2), (B, 1)], from_cart=True)
+    assert order["status"] == "CONFIRMED"
+    assert statuses(order) == ["PENDING", "CONFIRMED"]
+    assert order["payment"] == {"status": "charged", "last4": "4242"}
+    assert (order["subtotal_cents"], order["discount_cents"], order["total_cents"]) == (2700, 700, 2000)
+    assert order["promotion_applied"] is True
+    assert order["open"] is False and order["todo"] == []
+    assert w.payments.charges[order["_id"]]["amount_cents"] == 2000
+    assert w.inventory.levels(A) == (8, 0) and w.inventory.levels(B) == (9, 0)
+    assert w.repo.promotions == {"u1": order["_id"]}
+    assert w.repo.cleared_carts == ["u1"]
+    assert w.kicks > 0
+
+
+@pytest.mark.gen_test
+async def test_the_card_number_is_never_stored():
+    w = World()
+    order = await w.place([(A, 1)])
+    assert "4242424242424242" not in repr(w.stored(order["_id"]))
+
+
+@pytest.mark.gen_test
+async def test_out_of_stock_cancels_with_the_short_items_and_charges_nothing():
+    w = World(stock={A: 1, B: 10})
+    with pytest.raises(errors.OutOfStock) as info:
+        await w.place([(A, 2), (B, 1)])
+    order_id = info.value.details["order_id"]
+    assert info.value.details["items"] == [{"isbn": A, "requested": 2, "available": 1}]
+    doc = w.stored(order_id)
+    assert doc["status"] == "CANCELLED" and doc["history"][-1]["reason"] == "out_of_stock"
+    assert doc["payment"]["status"] == "none"
+    assert doc["open"] is False and doc["todo"] == []
+    assert order_id not in w.payments.charges
+    assert w.inventory.levels(A) == (1, 0) and w.inventory.levels(B) == (10, 0)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("number, reason", [(cards.DECLINED, "declined"),
+                                            (cards.INSUFFICIENT_FUNDS, "insufficient_funds")])
+async def test_a_declined_card_releases_the_stock(number, reason):
+    w = World()
+    with pytest.raises(errors.PaymentDeclined) as info:
+        await w.place([(A, 3)], card={**CARD, "card_number": number})
+    assert info.value.details["reason"] == reason
+    doc = w.stored(info.value.details["order_id"])
+    assert doc["status"] == "CANCELLED" and doc["history"][-1]["reason"] == "payment_declined"
+    assert doc["payment"] == {"status": "declined", "last4": number[-4:]}
+    assert doc["open"] is False
+    assert w.inventory.levels(A) == (10, 0)
+    # the promotion the order claimed is given back
+    assert w.repo.promotions == {}
+
+
+@pytest.mark.gen_test
+async def test_payments_known_down_fails_fast_before_anything_is_stored():
+    w = World()
+    w.payments.is_open = True
+    with pytest.raises(errors.Unavailable) as info:
+        await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    assert info.value.retry_after
+    assert w.repo.orders == {} and w.inventory.calls == []
+
+
+@pytest.mark.gen_test
+async def test_payments_unavailable_cancels_and_keeps_the_refund_owed_then_recovery_pays_it():
+    w = World()
+    w.payments.down = {"charge", "refund"}
+    with pytest.raises(errors.Unavailable) as info:
+        await w.place([(A, 2)])
+    assert info.value.retry_after
+    order_id = info.value.details["order_id"]
+    doc = w.stored(order_id)
+    assert doc["status"] == "CANCELLED" and doc["history"][-1]["reason"] == "payment_unavailable"
+    assert doc["todo"] == ["payment"]  # the stock went back; the payment could not be voided yet
+    assert doc["open"] is True
+    assert w.inventory.levels(A) == (10, 0)
+    # nothing happens before the lease runs out
+    assert await w.checkout.recover() == 0
+    w.clock.advance(LEASE + 1)
+    await w.checkout.recover()
+    assert w.stored(order_id)["todo"] == ["payment"]  # still down: still owed
+    w.payments.down = set()
+    w.clock.advance(LEASE + 1)
+    await w.checkout.recover()
+    doc = w.stored(order_id)
+    assert doc["todo"] == [] and doc["open"] is False
+    assert w.payments.charges[order_id]["status"] == "voided"  # a late charge would now be refused
+    assert doc["payment"]["status"] == "none"
+
+
+@pytest.mark.gen_test
+async def test_a_charge_whose_reply_was_lost_is_refunded():
+    w = World()
+    w.payments.lose_reply = True
+    with pytest.raises(errors.Unavailable) as info:
+        await w.place([(A, 1)])
+    doc = w.stored(info.value.details["order_id"])
+    assert doc["status"] == "CANCELLED" and doc["payment"]["status"] == "refunded"
+    assert [e["kind"] for e in w.payments.charges[doc["_id"]]["ledger"]] == ["charge", "refund"]
+    assert doc["open"] is False and w.inventory.levels(A) == (10, 0)
+
+
+@pytest.mark.gen_test
+async def test_inventory_unavailable_cancels_without_charging():
+    w = World()
+    w.inventory.down = {"reserve"}
+    with pytest.raises(errors.Unavailable):
+        await w.place([(A, 1)])
+    (doc,) = w.repo.orders.values()
+    assert doc["status"] == "CANCELLED" and doc["history"][-1]["reason"] == "inventory_unavailable"
+    assert w.payments.charges == {}
+
+
+@pytest.mark.gen_test
+async def test_price_changed_is_refused_before_anything_is_stored():
+    w = World()
+    with pytest.raises(errors.Conflict) as info:
+        await w.checkout.create(w.new_id(), w.command([(A, 1)], expected=999))
+    assert info.value.code == "price_changed"
+    assert info.value.details["total_cents"] == 1000
+    assert w.repo.orders == {}
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)], expected=1000))
+    assert order["total_cents"] == 1000
+
+
+@pytest.mark.gen_test
+async def test_the_promotion_is_once_per_customer_and_given_back_by_a_cancel():
+    w = World()
+    first = await w.place([(A, 3)])
+    assert first["promotion_applied"] and first["discount_cents"] == 1000
+    second = await w.place([(A, 3)])
+    assert not second["promotion_applied"] and second["total_cents"] == 3000
+    other = await w.place([(B, 3)], user="u2")  # another customer has their own
+    assert other["promotion_applied"]
+    await w.checkout.cancel_by_request(await w.repo.get(first["_id"]))
+    third = await w.place([(A, 3)])
+    assert third["promotion_applied"]
+
+
+@pytest.mark.gen_test
+async def test_losing_the_promotion_race_prices_again_without_it():
+    w = World()
+    claim = w.repo.promotion_claimed
+
+    async def stale_check(user_id):  # our check ran before the other order's claim landed
+        result = await claim(user_id)
+        w.repo.promotions.setdefault(user_id, "someone-else")
+        return result
+    w.repo.promotion_claimed = stale_check
+    order = await w.checkout.create(w.new_id(), w.command([(A, 3)]))
+    assert order["promotion_applied"] is False and order["discount_cents"] == 0
+    assert w.repo.promotions == {"u1": "someone-else"}
+
+
+@pytest.mark.gen_test
+async def test_an_expired_reservation_means_refund_and_cancel():
+    w = World()
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    real_charge = w.payments.charge
+
+    async def slow_charge(*args):
+        w.inventory.expire(order["_id"])  # the reservation ran out while the processor thought
+        return await real_charge(*args)
+    w.payments.charge = slow_charge
+    with pytest.raises(errors.OutOfStock):
+        await w.checkout.run(order, CARD)
+    doc = w.stored(order["_id"])
+    assert doc["status"] == "CANCELLED" and doc["history"][-1]["reason"] == "reservation_expired"
+    assert doc["payment"]["status"] == "refunded" and doc["open"] is False
+    assert w.inventory.levels(A) == (10, 0)
+
+
+# -- cancel and ship ----------------------------------------------------------------------------------------------
+@pytest.mark.gen_test
+async def test_cancel_a_confirmed_order_refunds_and_restocks():
+    w = World()
+    order = await w.place([(A, 2)])
+    doc = await w.checkout.cancel_by_request(order)
+    assert doc["status"] == "CANCELLED" and doc["payment"]["status"] == "refunded"
+    assert doc["open"] is False and doc["todo"] == []
+    assert w.inventory.levels(A) == (10, 0)
+    assert statuses(doc) == ["PENDING", "CONFIRMED", "CANCELLED"]
+    with pytest.raises(errors.Conflict) as info:
+        await w.checkout.cancel_by_request(doc)
+    assert info.value.code == "invalid_status_transition"
+
+
+@pytest.mark.gen_test
+async def test_ship_only_from_confirmed_and_no_cancel_after():
+    w = World()
+    order = await w.place([(A, 1)])
+    shipped = await w.checkout.ship(order)
+    assert shipped["status"] == "SHIPPED"
+    with pytest.raises(errors.Conflict):
+        await w.checkout.ship(shipped)
+    with pytest.raises(errors.Conflict):
+        await w.checkout.cancel_by_request(shipped)
+    assert w.payments.charges[order["_id"]]["refunded"] is False
+
+
+@pytest.mark.gen_test
+async def test_a_cancel_that_races_a_stale_read_is_a_conflict():
+    w = World()
+    order = await w.place([(A, 1)])
+    stale = copy.deepcopy(order)
+    await w.checkout.ship(order)
+    with pytest.raises(errors.Conflict) as info:
+        await w.checkout.cancel_by_request(stale)  # read CONFIRMED, but it shipped meanwhile
+    assert info.value.details == {"status": "SHIPPED"}
+
+
+# -- recovery -------------------------------------------------------------------------------------------------------
+@pytest.mark.gen_test
+async def test_recovery_confirms_a_pending_order_that_was_charged():
+    w = World()
+    order = await w.checkout.create(w.new_id(), w.command([(A, 2)]))
+    # the process died after the charge, before confirming
+    await w.inventory.reserve(order["_id"], [{"isbn": A, "quantity": 2}])
+    await w.payments.charge(order["_id"], order["total_cents"], "EUR", CARD)
+    assert await w.checkout.recover() == 0  # its owner's lease still runs
+    w.clock.advance(LEASE + 1)
+    assert await w.checkout.recover() == 1
+    doc = w.stored(order["_id"])
+    assert doc["status"] == "CONFIRMED" and doc["payment"]["status"] == "charged" and doc["open"] is False
+    assert w.inventory.levels(A) == (8, 0)
+    assert len(w.payments.charges[order["_id"]]["ledger"]) == 1
+    w.clock.advance(LEASE + 1)
+    assert await w.checkout.recover() == 0  # nothing left to do
+
+
+@pytest.mark.gen_test
+async def test_recovery_voids_and_releases_a_pending_order_never_charged():
+    w = World()
+    order = await w.checkout.create(w.new_id(), w.command([(A, 3)]))
+    await w.inventory.reserve(order["_id"], [{"isbn": A, "quantity": 3}])
+    assert w.inventory.levels(A) == (10, 3)
+    w.clock.advance(LEASE + 1)
+    assert await w.checkout.recover() == 1
+    doc = w.stored(order["_id"])
+    assert doc["status"] == "CANCELLED" and doc["history"][-1]["reason"] == "checkout_interrupted"
+    assert doc["payment"]["status"] == "none" and doc["open"] is False and doc["todo"] == []
+    assert w.inventory.levels(A) == (10, 0)
+    assert w.payments.charges[order["_id"]]["status"] == "voided"
+    assert w.repo.promotions == {}
+
+
+@pytest.mark.gen_test
+async def test_an_owner_that_was_only_slow_has_its_late_charge_refused():
+    w = World()
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    real_charge = w.payments.charge
+
+    async def slow_charge(*args):
+        # the processor took longer than the lease: recovery decided the owner was dead
+        w.clock.advance(LEASE + 1)
+        assert await w.checkout.recover() == 1
+        return await real_charge(*args)
+    w.payments.charge = slow_charge
+    with pytest.raises(errors.Conflict) as info:
+        await w.checkout.run(order, CARD)
+    assert info.value.code == "checkout_interrupted"
+    doc = w.stored(order["_id"])
+    assert doc["status"] == "CANCELLED" and doc["payment"]["status"] == "none" and doc["open"] is False
+    assert w.payments.charges[order["_id"]]["ledger"] == []
+    assert w.inventory.levels(A) == (10, 0)
+
+
+@pytest.mark.gen_test
+async def test_recovery_of_a_pending_order_before_its_reservation():
+    w = World()
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    w.clock.advance(LEASE + 1)
+    await w.checkout.recover()
+    doc = w.stored(order["_id"])
+    assert doc["status"] == "CANCELLED" and doc["open"] is False
+    assert w.inventory.levels(A) == (10, 0)
+
+
+@pytest.mark.gen_test
+async def test_recovery_cancels_a_pending_order_whose_card_was_declined():
+    w = World()
+    card = {**CARD, "card_number": cards.DECLINED}
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)], card=card))
+    await w.inventory.reserve(order["_id"], [{"isbn": A, "quantity": 1}])
+    await w.payments.charge(order["_id"], order["total_cents"], "EUR", card)
+    w.clock.advance(LEASE + 1)
+    await w.checkout.recover()
+    doc = w.stored(order["_id"])
+    assert doc["status"] == "CANCELLED" and doc["payment"]["status"] == "declined"
+    assert w.inventory.levels(A) == (10, 0)
+
+
+@pytest.mark.gen_test
+async def test_a_failed_stock_compensation_stays_owed_and_is_retried():
+    w = World()
+    order = await w.place([(A, 2)])
+    w.inventory.down = {"release", "put_back"}
+    doc = await w.checkout.cancel_by_request(order)
+    assert doc["status"] == "CANCELLED" and doc["payment"]["status"] == "refunded"
+    assert doc["todo"] == ["stock"] and doc["open"] is True
+    assert w.inventory.levels(A) == (8, 0)
+    w.clock.advance(LEASE + 1)
+    await w.checkout.recover()
+    assert w.stored(order["_id"])["todo"] == ["stock"]  # still down: still owed
+    w.inventory.down = set()
+    w.clock.advance(LEASE + 1)
+    await w.checkout.recover()
+    doc = w.stored(order["_id"])
+    assert doc["todo"] == [] and doc["open"] is False
+    assert w.inventory.levels(A) == (10, 0)
+    # repeating the compensation is harmless: stock is put back once, money refunded once
+    await w.checkout.compensate({**doc, "todo": ["payment", "stock"]})
+    assert w.inventory.levels(A) == (10, 0)
+    assert [e["kind"] for e in w.payments.charges[order["_id"]]["ledger"]] == ["charge", "refund"]
+
+
+@pytest.mark.gen_test
+async def test_recovery_while_the_payments_status_is_unknown_waits():
+    w = World()
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    w.payments.down = {"status"}
+    w.clock.advance(LEASE + 1)
+    assert await w.checkout.recover() == 0
+    assert w.stored(order["_id"])["status"] == "PENDING"  # never guess: it may have been charged
+    w.payments.down = set()
+    w.clock.advance(LEASE + 1)
+    assert await w.checkout.recover() == 1
+    assert w.stored(order["_id"])["status"] == "CANCELLED"
+
+
+@pytest.mark.gen_test
+async def test_one_stuck_order_does_not_hold_up_the_recovery_of_the_others():
+    w = World()
+    stuck = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    others = [await w.checkout.create(w.new_id(), w.command([(B, 1)], user=f"u{i}")) for i in range(3)]
+    unlocked = asyncio.Event()
+    take_lease = w.repo.take_lease
+
+    async def locked_document(order_id, seconds):
+        if order_id == stuck["_id"]:  # e.g. locked by a transaction its dead owner left open
+            await unlocked.wait()
+        return await take_lease(order_id, seconds)
+    w.repo.take_lease = locked_document
+    w.clock.advance(LEASE + 1)
+    assert await w.checkout.recover(wait=0.5) == 3
+    assert [w.stored(o["_id"])["status"] for o in others] == ["CANCELLED"] * 3
+    assert w.stored(stuck["_id"])["status"] == "PENDING"
+    assert await w.checkout.recover(wait=0.1) == 0  # a later pass does not start it twice
+    unlocked.set()
+    for _ in range(100):
+        if w.stored(stuck["_id"])["status"] == "CANCELLED":
+            break
+        await asyncio.sleep(0.01)
+    assert w.stored(stuck["_id"])["status"] == "CANCELLED"
+
+
+@pytest.mark.gen_test
+async def test_stopping_recovery_cancels_what_still_runs():
+    w = World()
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    forever = asyncio.Event()
+
+    async def never(order_id, seconds):
+        await forever.wait()
+    w.repo.take_lease = never
+    w.clock.advance(LEASE + 1)
+    stop = asyncio.Event()
+    loop_task = asyncio.ensure_future(w.checkout.recover_forever(stop, every=0.05))
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.wait_for(loop_task, 1)
+    await asyncio.sleep(0)
+    assert w.checkout._recovering == {}
+    assert w.stored(order["_id"])["status"] == "PENDING"  # left for whoever takes its lease next

@@ -1,0 +1,351 @@
+"""The hub with a fake service log and fake connections: ordering, resume, snapshots, slow clients, filters."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from bookshop.services.errors import Unavailable
+from bookshop.ws import hub as hub_module
+from bookshop.ws.channels import Filter
+from bookshop.ws.hub import CATCH_UP_CHUNK, QUEUE_LIMIT, Hub, Stream, event_frame
+
+ANN, BOB = Filter(user_id="u-ann"), Filter(user_id="u-bob")
+
+
+def event(seq: int, user_id: str | None = None, isbn: str = "9780000000002") -> dict:
+    ev = {"seq": seq, "event": "stock.changed", "at": f"2030-01-01T00:00:{seq % 60:02d}.000Z",
+          "data": {"isbn": isbn, "on_hand": seq, "reserved": 0, "available": seq}}
+    if user_id is not None:
+        ev.update(event="order.created", data={"id": f"o{seq}", "user_id": user_id, "status": "PENDING"},
+                  user_id=user_id)
+    return ev
+
+
+class ServiceLog:
+    """What a service's ``/internal/events`` answers, with an optional gate to hold reads back."""
+
+    def __init__(self, oldest: int = 1):
+        self.events: list[dict] = []
+        self.oldest = oldest
+        self.reads: list[tuple[int, int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.down = False
+
+    async def read(self, after: int, limit: int = 500) -> dict:
+        self.reads.append((after, limit))
+        await self.gate.wait()
+        if self.down:
+            raise Unavailable("inventory is down", retry_after=2)
+        items = [e for e in self.events if e["seq"] > after][:limit]
+        kept = [e["seq"] for e in self.events]
+        return {"items": items, "seq": max(kept, default=0), "oldest": min(kept, default=0)}
+
+
+class Conn:
+    """A client connection; ``stuck`` ones never finish a write (the peer stopped reading)."""
+
+    def __init__(self, stuck: bool = False):
+        self.frames: list[dict] = []
+        self.slow_closes = 0
+        self.open = asyncio.Event()
+        if not stuck:
+            self.open.set()
+
+    async def write_frame(self, frame: str) -> None:
+        await self.open.wait()
+        self.frames.append(json.loads(frame))
+
+    def close_slow(self) -> None:
+        self.slow_closes += 1
+
+    def events(self) -> list[int]:
+        return [f["seq"] for f in self.frames if f["type"] == "event"]
+
+    def types(self) -> list[str]:
+        return [f["type"] for f in self.frames]
+
+
+class Shop:
+    """A hub over three streams; ``commit`` appends to a service log and the follower publishes it."""
+
+    def __init__(self, buffer: int = 5000):
+        self.logs = {name: ServiceLog() for name in ("catalog", "inventory", "orders")}
+        self.streams = {name: Stream(name, log, buffer) for name, log in self.logs.items()}
+        self.snapshots: list[str] = []
+        self.hub = Hub(self.streams, self.snapshot)
+
+    async def snapshot(self, channel, sub, principal):
+        self.snapshots.append(channel)
+        log = self.logs["inventory" if channel == "inventory" else "orders" if "orders" in channel else "catalog"]
+        seq = (await log.read(2**62, 1))["seq"]
+        return seq, {"items": [{"isbn": "9780000000002", "available": seq}]}
+
+    def commit(self, stream: str, *events: dict, publish: bool = True) -> None:
+        self.logs[stream].events.extend(events)
+        if publish:
+            for ev in events:
+                self.hub.publish(stream, ev)
+
+    async def client(self, channel: str, after: int | None = None, filter_: Filter = Filter(),
+                     conn: Conn | None = None):
+        conn = conn or Conn()
+        client = self.hub.join(conn)
+        await self.hub.subscribe(client, channel, filter_, after)
+        return conn, client
+
+
+async def until(predicate, timeout: float = 2.0) -> None:
+    """Let the clients' writers run until ``predicate()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0)
+
+
+@pytest.mark.gen_test
+async def test_a_fresh_subscription_gets_a_snapshot_then_live_events_in_order():
+    shop = Shop()
+    shop.commit("inventory", *(event(s) for s in range(1, 11)))
+    conn, _ = await shop.client("inventory")
+    shop.commit("inventory", event(11), event(12))
+    await until(lambda: len(conn.frames) == 4)
+    subscribed, snapshot, first, second = conn.frames
+    assert subscribed == {"type": "subscribed", "channel": "inventory", "seq": 10}
+    assert snapshot["type"] == "snapshot" and snapshot["seq"] == 10 and snapshot["data"]["items"]
+    assert first == {"type": "event", "channel": "inventory", "seq": 11, "event": "stock.changed",
+                     "data": event(11)["data"], "at": event(11)["at"]}
+    assert second["seq"] == 12
+    assert shop.snapshots == ["inventory"]
+
+
+@pytest.mark.gen_test
+async def test_resuming_within_the_buffer_never_asks_the_service():
+    shop = Shop()
+    shop.commit("inventory", *(event(s) for s in range(1, 21)))
+    reads_before = len(shop.logs["inventory"].reads)
+    conn, _ = await shop.client("inventory", after=15)
+    shop.commit("inventory", event(21))
+    await until(lambda: 21 in conn.events())
+    assert conn.types()[0] == "subscribed" and "snapshot" not in conn.types()
+    assert conn.events() == [16, 17, 18, 19, 20, 21]
+    assert len(shop.logs["inventory"].reads) == reads_before
+
+
+@pytest.mark.gen_test
+async def test_resuming_from_before_the_buffer_reads_the_log_then_goes_live():
+    shop = Shop(buffer=5)
+    shop.commit("inventory", *(event(s) for s in range(1, 21)))
+    conn, _ = await shop.client("inventory", after=3)
+    shop.commit("inventory", event(21), event(22))
+    await until(lambda: 22 in conn.events())
+    assert conn.events() == list(range(4, 23))
+    assert shop.logs["inventory"].reads and shop.snapshots == []
+
+
+@pytest.mark.gen_test
+async def test_events_published_while_a_client_catches_up_are_neither_lost_nor_doubled():
+    shop = Shop(buffer=5)
+    log = shop.logs["inventory"]
+    shop.commit("inventory", *(event(s) for s in range(1, 21)))
+    log.gate.clear()  # the service is slow to answer the catch-up read
+    conn = Conn()
+    subscribing = asyncio.ensure_future(shop.client("inventory", after=2, conn=conn))
+    await until(lambda: log.reads)
+    shop.commit("inventory", *(event(s) for s in range(21, 31)))  # go live meanwhile
+    log.gate.set()
+    await subscribing
+    shop.commit("inventory", event(31))
+    await until(lambda: 31 in conn.events())
+    assert conn.events() == list(range(3, 32))
+
+
+@pytest.mark.gen_test
+async def test_a_resume_older_than_the_log_keeps_gets_a_fresh_snapshot():
+    shop = Shop(buffer=5)
+    shop.commit("inventory", *(event(s) for s in range(50, 61)))  # 1..49 have expired
+    conn, _ = await shop.client("inventory", after=10)
+    shop.commit("inventory", event(61))
+    await until(lambda: 61 in conn.events())
+    assert conn.types()[:2] == ["subscribed", "snapshot"]
+    assert conn.frames[1]["seq"] == 60
+    assert conn.events() == [61]
+
+
+@pytest.mark.gen_test
+async def test_a_seq_from_the_future_gets_a_fresh_snapshot():
+    shop = Shop()
+    shop.commit("inventory", *(event(s) for s in range(1, 6)))
+    conn, _ = await shop.client("inventory", after=999)
+    shop.commit("inventory", event(6))
+    await until(lambda: 6 in conn.events())
+    assert conn.types() == ["subscribed", "snapshot", "event"]
+    assert conn.frames[1]["seq"] == 5
+
+
+@pytest.mark.gen_test
+async def test_duplicate_and_overlapping_publishes_are_delivered_once():
+    shop = Shop()
+    conn, _ = await shop.client("inventory")
+    for seq in (1, 2, 3, 2, 3, 4, 1, 5, 5):  # a follower that resumed with overlap
+        shop.hub.publish("inventory", event(seq))
+    await until(lambda: 5 in conn.events())
+    assert conn.events() == [1, 2, 3, 4, 5]
+    assert [e["seq"] for e in shop.streams["inventory"].buffer] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.gen_test
+async def test_my_orders_carry_only_my_events_while_staff_see_every_order():
+    shop = Shop()
+    ann, _ = await shop.client("orders:mine", filter_=ANN)
+    bob, _ = await shop.client("orders:mine", filter_=BOB)
+    staff, _ = await shop.client("orders")
+    shop.commit("orders", event(1, "u-ann"), event(2, "u-bob"), event(3, "u-ann"), event(4, "u-bob"))
+    late_ann, _ = await shop.client("orders:mine", after=0, filter_=ANN)  # catches up from the buffer
+    await until(lambda: 4 in staff.events() and 4 in bob.events() and 3 in ann.events()
+                and 3 in late_ann.events())
+    assert staff.events() == [1, 2, 3, 4]
+    assert ann.events() == [1, 3] and late_ann.events() == [1, 3]
+    assert bob.events() == [2, 4]
+    for frame in ann.frames + late_ann.frames:
+        assert frame["channel"] == "orders:mine"
+        assert "u-bob" not in json.dumps(frame)
+    assert {f["channel"] for f in staff.frames} == {"orders"}
+
+
+@pytest.mark.gen_test
+async def test_my_orders_catch_up_from_the_log_is_filtered_too():
+    shop = Shop(buffer=2)
+    shop.commit("orders", *(event(s, "u-ann" if s % 3 == 0 else "u-bob") for s in range(1, 31)))
+    ann, _ = await shop.client("orders:mine", after=0, filter_=ANN)
+    shop.commit("orders", event(31, "u-bob"), event(32, "u-ann"))
+    await until(lambda: 32 in ann.events())
+    assert ann.events() == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 32]
+
+
+@pytest.mark.gen_test
+async def test_a_client_that_stops_reading_is_closed_with_4008_and_its_queue_stays_bounded():
+    shop = Shop()
+    stuck, slow = await shop.client("inventory", conn=Conn(stuck=True))
+    healthy, _ = await shop.client("inventory")
+    for seq in range(1, 3 * QUEUE_LIMIT):
+        shop.commit("inventory", event(seq))
+        if seq % 50 == 0:
+            await asyncio.sleep(0)  # a real follower yields between reads; healthy clients drain then
+        assert len(slow.queue) <= QUEUE_LIMIT
+    assert stuck.slow_closes == 1
+    assert slow.closed and len(slow.queue) == 0
+    await until(lambda: len(healthy.events()) == 3 * QUEUE_LIMIT - 1)
+    assert healthy.slow_closes == 0
+    assert healthy.events() == list(range(1, 3 * QUEUE_LIMIT))
+    assert hub_module.SLOW_CLIENT == 4008
+    stuck.open.set()
+    await until(lambda: not slow.writing)
+
+
+@pytest.mark.gen_test
+async def test_a_client_far_behind_catches_up_without_being_taken_for_a_slow_one():
+    shop = Shop()
+    shop.commit("inventory", *(event(s) for s in range(1, 4 * QUEUE_LIMIT + 1)))
+    conn, client = await shop.client("inventory", after=1)  # all of it is still in the gateway's buffer
+    await until(lambda: 4 * QUEUE_LIMIT in conn.events())
+    assert conn.slow_closes == 0 and not client.closed
+    assert conn.events() == list(range(2, 4 * QUEUE_LIMIT + 1))
+
+
+@pytest.mark.gen_test
+async def test_a_client_far_behind_the_buffer_catches_up_from_the_log_without_being_closed():
+    shop = Shop(buffer=10)
+    shop.commit("inventory", *(event(s) for s in range(1, 3 * QUEUE_LIMIT + 1)))
+    conn, client = await shop.client("inventory", after=0)
+    await until(lambda: 3 * QUEUE_LIMIT in conn.events())
+    assert conn.slow_closes == 0 and not client.closed
+    assert conn.events() == list(range(1, 3 * QUEUE_LIMIT + 1))
+
+
+@pytest.mark.gen_test
+async def test_subscriptions_made_before_the_follower_knew_the_stream_miss_nothing():
+    # A restarted gateway: its clients resume with `after` before the follower's first hello tells
+    # the hub where the service's log is; events committed while the gateway was away must still come.
+    shop = Shop()
+    shop.commit("inventory", *(event(s) for s in range(1, 11)), publish=False)
+    early, _ = await shop.client("inventory", after=4)
+    fresh, _ = await shop.client("inventory")  # snapshot at 10
+    shop.commit("inventory", event(11), event(12), publish=False)  # committed before the hello
+    shop.hub.start("inventory", 12)  # the follower's hello
+    shop.commit("inventory", event(13))
+    await until(lambda: 13 in early.events() and 13 in fresh.events())
+    assert early.events() == list(range(5, 14))
+    assert fresh.events() == [11, 12, 13]
+    assert shop.streams["inventory"].seq == 13
+
+
+@pytest.mark.gen_test
+async def test_a_client_that_stops_reading_during_its_catch_up_is_paced_and_let_go_when_it_leaves():
+    shop = Shop()
+    shop.commit("inventory", *(event(s) for s in range(1, 3 * QUEUE_LIMIT + 1)))
+    conn = Conn(stuck=True)
+    client = shop.hub.join(conn)
+    catching_up = asyncio.ensure_future(shop.hub.subscribe(client, "inventory", Filter(), 0))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not catching_up.done()  # waiting for room, not piling frames up
+    assert len(client.queue) <= 2 * CATCH_UP_CHUNK and conn.slow_closes == 0
+    shop.hub.leave(client)
+    await asyncio.wait_for(catching_up, 1)
+    assert client.closed and client not in shop.hub.clients
+    conn.open.set()  # the socket goes away: its writer ends
+    await until(lambda: not client.writing)
+
+
+@pytest.mark.gen_test
+async def test_a_late_catch_up_against_a_service_that_is_down_ends_the_subscription_with_an_error():
+    shop = Shop()
+    shop.commit("inventory", *(event(s) for s in range(1, 6)), publish=False)
+    conn, client = await shop.client("inventory", after=2)  # before the follower's hello
+    shop.logs["inventory"].down = True
+    shop.hub.start("inventory", 5)
+    await until(lambda: conn.types()[-1:] == ["error"])
+    assert conn.frames[-1]["code"] == "unavailable" and conn.frames[-1]["channel"] == "inventory"
+    assert "inventory" not in client.subs
+    shop.hub.start("inventory", 5)  # a repeated hello changes nothing
+    shop.logs["inventory"].down = False
+    await shop.hub.subscribe(client, "inventory", Filter(), 2)  # the client comes back with after
+    await until(lambda: 5 in conn.events())
+    assert conn.events() == [3, 4, 5]
+
+
+@pytest.mark.gen_test
+async def test_unsubscribe_leave_and_token_expiry_stop_delivery():
+    shop = Shop()
+    conn, client = await shop.client("orders", after=0)
+    await shop.hub.subscribe(client, "inventory", Filter(), 0)
+    await shop.hub.subscribe(client, "orders:mine", ANN, 0)
+    shop.hub.end_private(client)
+    assert set(client.subs) == {"inventory"}
+    shop.commit("orders", event(1, "u-ann"))
+    shop.commit("inventory", event(1))
+    await until(lambda: 1 in conn.events())
+    assert [(f["channel"], f["seq"]) for f in conn.frames if f["type"] == "event"] == [("inventory", 1)]
+    shop.hub.unsubscribe(client, "inventory")
+    shop.commit("inventory", event(2))
+    other, _ = await shop.client("inventory")
+    gone = Conn()
+    gone_client = shop.hub.join(gone)
+    await shop.hub.subscribe(gone_client, "inventory", Filter(), None)
+    shop.hub.leave(gone_client)
+    assert gone_client not in shop.hub.clients
+    shop.commit("inventory", event(3))
+    await until(lambda: 3 in other.events())
+    assert conn.events() == [1]
+    assert 3 not in gone.events()
+
+
+def test_event_frames_carry_exactly_the_contract_fields():
+    ev = event(7, "u-ann")
+    assert json.loads(event_frame("orders:mine", ev)) == {
+        "type": "event", "channel": "orders:mine", "seq": 7, "event": "order.created", "data": ev["data"],
+        "at": ev["at"]}
