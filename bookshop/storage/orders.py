@@ -147,10 +147,6 @@ class OrderRepo:
             {"$set": {"saga_lease": now + datetime.timedelta(seconds=seconds)}},
             return_document=pymongo.ReturnDocument.AFTER)
 
-    async def extend_lease(self, order_id: str, seconds: float) -> None:
-        await self.orders.update_one({"_id": order_id},
-                                     {"$set": {"saga_lease": utcnow() + datetime.timedelta(seconds=seconds)}})
-
     async def unfinished(self, limit: int = 100) -> list[dict]:
         """Open orders (saga or compensation left to do) whose owner's lease ran out."""
         cursor = self.orders.find({"open": True, "saga_lease": {"$lt": utcnow()}}).limit(limit)

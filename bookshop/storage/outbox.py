@@ -149,27 +149,38 @@ class Relay:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{ObjectId()}"
         self._kick = asyncio.Event()
         self._next_seq: int | None = None
+        self._lease_until: datetime.datetime | None = None
         self.moved = 0
 
     def kick(self) -> None:
         """Called after a local write that recorded an event, so it is moved at once."""
         self._kick.set()
 
+    def forget_lease(self) -> None:
+        """Re-check the lease in the database on the next pass (instead of trusting our copy)."""
+        self._lease_until = None
+
     async def _hold_lease(self) -> bool:
+        """Hold the relay lease, renewing it (one write) only once half of it has passed. The renewal also
+        records the last seq handed out, so numbering survives even after every event has expired."""
         now = utcnow()
+        if self._lease_until is not None and now < self._lease_until - datetime.timedelta(seconds=LEASE_SECONDS / 2):
+            return True
+        update: dict = {"$set": {"owner": self.owner, "lease_until": now + datetime.timedelta(seconds=LEASE_SECONDS)}}
+        if self._next_seq is not None and self._next_seq > 1:
+            update["$max"] = {"last_seq": self._next_seq - 1}
         try:
             doc = await self.log.meta.find_one_and_update(
-                {"_id": "relay", "$or": [{"lease_until": {"$lt": now}}, {"owner": self.owner}]},
-                {"$set": {"owner": self.owner, "lease_until": now + datetime.timedelta(seconds=LEASE_SECONDS)}},
+                {"_id": "relay", "$or": [{"lease_until": {"$lt": now}}, {"owner": self.owner}]}, update,
                 upsert=True, return_document=pymongo.ReturnDocument.AFTER)
         except pymongo.errors.DuplicateKeyError:
-            self._next_seq = None
-            return False
+            doc = None
         if doc is None:
-            # lost a race for the lease: the embedded server answers null here instead of a duplicate key
-            # (an AttributeError below would end the relay task, and the service's events with it)
+            # another relay holds it (the embedded server may answer null instead of a duplicate key)
             self._next_seq = None
+            self._lease_until = None
             return False
+        self._lease_until = doc["lease_until"]
         if self._next_seq is None:
             self._next_seq = max(await self.log.latest_seq(), doc.get("last_seq", 0)) + 1
         return True
@@ -205,12 +216,11 @@ class Relay:
                 inserted = exc.details.get("nInserted", 0)
                 log.warning("relay fenced after %d events; re-reading the log tail", inserted)
                 self._next_seq = None
+                self._lease_until = None
                 if inserted:
                     await self.log.notify(docs[inserted - 1]["seq"])
                 return inserted
             self._next_seq = seq
-            await self.log.meta.update_one({"_id": "relay", "owner": self.owner},
-                                           {"$max": {"last_seq": seq - 1}})
         # the events are numbered: now remove them from where they waited
         if pending:
             await self.log.outbox.delete_many({"_id": {"$in": [p["_id"] for p in pending]}})
@@ -231,6 +241,7 @@ class Relay:
             except pymongo.errors.PyMongoError as exc:
                 log.warning("relay pass failed: %s", exc)
                 self._next_seq = None
+                self._lease_until = None
                 moved = 0
                 await asyncio.sleep(1.0)
             if moved:

@@ -98,9 +98,6 @@ class FakeRepo:
         doc["saga_lease"] = self.clock() + datetime.timedelta(seconds=seconds)
         return copy.deepcopy(doc)
 
-    async def extend_lease(self, order_id, seconds):
-        self.orders[order_id]["saga_lease"] = self.clock() + datetime.timedelta(seconds=seconds)
-
     async def unfinished(self, limit=100):
         return [copy.deepcopy(d) for d in self.orders.values() if d["open"] and d["saga_lease"] < self.clock()]
 
