@@ -35,7 +35,8 @@ class Settings:
     checkout_wait: float = 5.0
     # a saga not finished by its owner within this many seconds is picked up by recovery
     saga_lease: float = 10.0
-    upstream_timeout: float = 3.0
+    # generous: under a checkout rush the embedded database makes reservations slow, not failed
+    upstream_timeout: float = 10.0
     payments_latency_ms: int = 0
     payments_failure_rate: float = 0.0
     login_max_failures: int = 10

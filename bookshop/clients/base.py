@@ -68,9 +68,10 @@ class RawReply:
 class _Transient(Exception):
     """A failure worth counting against the breaker and retrying when the call is idempotent."""
 
-    def __init__(self, message: str, reply: Reply | None = None):
+    def __init__(self, message: str, reply: Reply | None = None, retry: bool = True):
         super().__init__(message)
         self.reply = reply
+        self.retry = retry
 
 
 class ServiceTokens:
@@ -147,7 +148,8 @@ class UpstreamClient:
                     parsed = None
                 reply = Reply(resp.status, parsed, dict(resp.headers))
         except asyncio.TimeoutError:
-            raise _Transient(f"{self.service} timed out") from None
+            # not retried: a slow upstream is usually a loaded one, and a retry only adds to its load
+            raise _Transient(f"{self.service} timed out", retry=False) from None
         except aiohttp.ClientError as exc:
             raise _Transient(f"{self.service} unreachable: {exc.__class__.__name__}") from None
         if reply.status >= 500 or (reply.status == 200 and raw and parsed is None):
@@ -172,7 +174,8 @@ class UpstreamClient:
             async for attempt in tenacity.AsyncRetrying(
                     stop=tenacity.stop_after_attempt(attempts),
                     wait=tenacity.wait_exponential_jitter(initial=0.05, max=0.5),
-                    retry=tenacity.retry_if_exception_type(_Transient), reraise=True):
+                    retry=tenacity.retry_if_exception(lambda e: isinstance(e, _Transient) and e.retry),
+                    reraise=True):
                 with attempt:
                     if token is not None:
                         sent_headers["Authorization"] = f"Bearer {token}"

@@ -17,6 +17,7 @@ from bookshop.services.checkout import PlaceOrder
 from bookshop.services.isbn import normalize_isbn
 from bookshop.services.orders import OrderStatus, merge_lines, price, qualifies_for_promotion
 from bookshop.storage.orders import new_order_id, order_view
+from bookshop.storage.outbox import utcnow
 from bookshop.validation import StrictModel
 
 log = logging.getLogger(__name__)
@@ -208,11 +209,7 @@ class OrdersHandler(BaseHandler):
         task.add_done_callback(_saga_done)
         try:
             done = await asyncio.wait_for(asyncio.shield(task), self.ctx.settings.checkout_wait)
-            if done["status"] != OrderStatus.CONFIRMED.value:
-                # cancelled (by its customer or staff) while the checkout ran: refunded and restocked
-                return 409, error_body("order_cancelled", "the order was cancelled during checkout",
-                                       self.request_id, {"order_id": order_id})
-            return 201, order_view(done)
+            return order_answer(done, self.request_id)
         except asyncio.TimeoutError:
             current = await self.ctx.deps["orders"].get(order_id)
             return 202, order_view(current)
@@ -231,10 +228,20 @@ class OrdersHandler(BaseHandler):
         while record is not None and record.get("response") is None:
             if asyncio.get_running_loop().time() > deadline:
                 order = await self.ctx.deps["orders"].get(record["order_id"])
+                age = (utcnow() - record["created_at"]).total_seconds()
+                abandoned = age > self.ctx.settings.checkout_wait + self.ctx.settings.saga_lease + 5
                 if order is None:
+                    if abandoned:  # its request died before creating the order: the key is free again
+                        await idem.forget(user_id, key)
+                        raise errors.Conflict("the first request with this key failed; retry",
+                                              code="request_failed", retry_after=1)
                     raise errors.Conflict("the first request with this key is still running",
                                           code="request_in_progress", retry_after=1)
-                self.send(202, order_view(order))
+                status, body = order_answer(order, self.request_id)
+                if abandoned and status != 202:
+                    # its request died; recovery has decided the order since: that is the answer now
+                    await idem.finish(user_id, key, status, body)
+                self.send(status, body)
                 return
             await asyncio.sleep(0.05)
             record = await idem.get(user_id, key)
@@ -247,6 +254,23 @@ class OrdersHandler(BaseHandler):
         if status in (503, 429) and not self._headers.get("Retry-After"):
             self.set_header("Retry-After", "5")
         self.write_json(payload, status)
+
+
+def order_answer(order: dict, request_id: str) -> tuple[int, dict]:
+    """The answer to POST /orders for an order as it stands: 201 CONFIRMED, 202 PENDING, or the error
+    its cancellation stands for."""
+    status = order["status"]
+    if status in (OrderStatus.CONFIRMED.value, OrderStatus.SHIPPED.value):
+        return 201, order_view(order)
+    if status == OrderStatus.PENDING.value:
+        return 202, order_view(order)
+    reason = order["history"][-1].get("reason")
+    details = {"order_id": order["_id"]}
+    if reason == "payment_declined":
+        return 402, error_body("payment_declined", "the card was declined", request_id, details)
+    if reason in ("out_of_stock", "reservation_expired"):
+        return 409, error_body("out_of_stock", "not enough stock", request_id, {**details, "items": []})
+    return 409, error_body("order_cancelled", f"the order was cancelled ({reason})", request_id, details)
 
 
 def _saga_done(task: asyncio.Future) -> None:

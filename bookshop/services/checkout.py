@@ -134,6 +134,11 @@ class Checkout:
             committed = (await self.inventory.commit(order_id)).get("state") == "committed"
         except errors.Conflict:
             committed = False
+        except errors.Unavailable:
+            # charged, but inventory cannot commit now: stay PENDING (answered 202); recovery finishes it
+            # once the lease runs out. Never a 5xx here: a client retry would charge a second order.
+            log.warning("order %s: commit postponed (inventory unavailable)", order_id)
+            return await self.repo.get(order_id) or order
         if not committed:
             # the reservation expired (or never existed) before we could commit: refund and cancel
             await self.cancel(order, "reservation_expired", todo=["payment", "stock"])

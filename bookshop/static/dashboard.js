@@ -18,6 +18,7 @@
   const BACKOFF_START_MS = 500;
   const BACKOFF_MAX_MS = 10000;
   const AUTH_REPLY_TIMEOUT_MS = 5000;     // don't hold public channels hostage to a silent auth reply
+  const RESUBSCRIBE_MS = 2000;            // retry of a channel whose service was unavailable
   const TITLE_FETCH_CONCURRENCY = 3;
   const TITLE_FETCH_DELAY_MS = 300;       // give the books snapshot a chance to fill the cache first
   const TITLE_RETRY_AFTER_MS = 60000;
@@ -53,6 +54,7 @@
     authenticated: false,  // the *socket* is authenticated (not just the HTTP session)
     socketRole: null,
     expiredRetries: 0,     // guards against a refresh/re-auth loop if the server keeps refusing
+    resubscribeTimer: null,
   };
 
   // ---- DOM helpers ----------------------------------------------------------------------------------
@@ -606,8 +608,17 @@
       conn.authPending = false;
       subscribeAll();
     }
-    if (frame.channel && dashboard.subscriptions[frame.channel] === "pending") {
+    if (frame.channel && dashboard.subscriptions[frame.channel]) {
+      // The subscription was refused, or ended because the service behind it went away ("unavailable"):
+      // in that case try again shortly, resuming from the last seq.
       delete dashboard.subscriptions[frame.channel];
+      if (frame.channel === "inventory" && dashboard.state === "live") {
+        setState("reconnecting", "reconnecting… stock is unavailable");
+      }
+      if (code === "unavailable") {
+        clearTimeout(conn.resubscribeTimer);
+        conn.resubscribeTimer = setTimeout(subscribeAll, RESUBSCRIBE_MS);
+      }
     }
     console.warn("bookshop: server error", code, frame.message || "");
   }

@@ -141,11 +141,16 @@ class OrderRepo:
         return doc
 
     async def take_lease(self, order_id: str, seconds: float) -> dict | None:
-        now = utcnow()
-        return await self.orders.find_one_and_update(
-            {"_id": order_id, "open": True, "saga_lease": {"$lt": now}},
-            {"$set": {"saga_lease": now + datetime.timedelta(seconds=seconds)}},
-            return_document=pymongo.ReturnDocument.AFTER)
+        """Take over an order whose owner's lease ran out. Done in a transaction: the embedded server
+        clears a transaction abandoned by a killed process (which may still lock this very order) only
+        when another transaction arrives, and a plain write would wait on that lock."""
+        async def work(session):
+            now = utcnow()
+            return await self.orders.find_one_and_update(
+                {"_id": order_id, "open": True, "saga_lease": {"$lt": now}},
+                {"$set": {"saga_lease": now + datetime.timedelta(seconds=seconds)}},
+                return_document=pymongo.ReturnDocument.AFTER, session=session)
+        return await self.database.transaction(work)
 
     async def unfinished(self, limit: int = 100) -> list[dict]:
         """Open orders (saga or compensation left to do) whose owner's lease ran out."""

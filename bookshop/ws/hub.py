@@ -155,15 +155,22 @@ class Hub:
         sub = Subscription(channel, filter_)
         client.subs[channel] = sub
         self._by_channel[channel].add(client)
-        client.send(json.dumps({"type": "subscribed", "channel": channel, "seq": stream.seq}))
+        # "subscribed" only once the service behind the channel answered (an error frame instead, if it is
+        # down); the subscription is not live meanwhile, and the catch-up covers what happens in between
         if after is not None and after > stream.seq and after > (await stream.source.read(after, 1))["seq"]:
             after = None  # a seq from the future (another shop, a reset database): start afresh
-        if after is None:
-            after = await self._send_snapshot(client, sub)
+        snapshot = None if after is not None else await self.snapshot(channel, sub, client.principal)
+        if client.subs.get(channel) is not sub:
+            return  # unsubscribed (or the token expired) meanwhile
+        client.send(json.dumps({"type": "subscribed", "channel": channel, "seq": stream.seq}))
+        if snapshot is not None:
+            after = self._snapshot_frame(client, sub, *snapshot)
         await self._catch_up(client, sub, stream, after)
 
     async def _send_snapshot(self, client: Client, sub: Subscription) -> int:
-        seq, data = await self.snapshot(sub.channel, sub, client.principal)
+        return self._snapshot_frame(client, sub, *await self.snapshot(sub.channel, sub, client.principal))
+
+    def _snapshot_frame(self, client: Client, sub: Subscription, seq: int, data) -> int:
         client.send(json.dumps({"type": "snapshot", "channel": sub.channel, "seq": seq, "data": data},
                                separators=(",", ":"), default=str))
         return seq

@@ -170,7 +170,7 @@ async def test_bad_checkout_requests_are_rejected_before_anything_happens(shop):
         assert (await customer.get("/orders")).body["items"] == []
 
 
-# -- reading, cancelling, shipping ------------------------------------------------------------------------------------
+# -- reading, cancelling, shipping -----------------------------------------------------------------------------------
 @pytest.mark.gen_test(timeout=30)
 async def test_customers_see_their_own_orders_and_staff_see_all(shop):
     async with aiohttp.ClientSession() as session:
@@ -283,7 +283,7 @@ async def test_price_changed_is_409_with_the_current_total(shop):
         assert r.status == 201 and r.body["items"][0]["unit_price_cents"] == 1200
 
 
-# -- the cart ---------------------------------------------------------------------------------------------------------
+# -- the cart --------------------------------------------------------------------------------------------------------
 @pytest.mark.gen_test(timeout=30)
 async def test_cart_lines_prices_and_promotion_preview(shop):
     async with aiohttp.ClientSession() as session:
@@ -366,7 +366,7 @@ async def test_a_deleted_book_leaves_carts_but_past_orders_keep_their_lines(shop
         assert r.status == 404
 
 
-# -- the promotion ------------------------------------------------------------------------------------------------------
+# -- the promotion ---------------------------------------------------------------------------------------------------
 @pytest.mark.gen_test(timeout=30)
 async def test_the_promotion_is_once_per_customer_and_comes_back_after_a_cancel(shop):
     async with aiohttp.ClientSession() as session:
@@ -406,7 +406,7 @@ async def test_two_concurrent_qualifying_orders_share_one_promotion(shop):
         assert sum(r.body["promotion_applied"] for r in replies) == 1
 
 
-# -- idempotency ----------------------------------------------------------------------------------------------------------
+# -- idempotency -----------------------------------------------------------------------------------------------------
 @pytest.mark.gen_test(timeout=30)
 async def test_the_same_key_replays_the_first_answer(shop):
     async with aiohttp.ClientSession() as session:
