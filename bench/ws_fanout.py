@@ -198,7 +198,8 @@ def main(argv=None) -> int:
                 ["server", "p50", "p90", "p99", "max", "p99 x bare", "delivered/missing", "KiB/client",
                  "x bare", "server CPU ms/event", "client CPU ms/event", "connect s"], rows)
         p99, kib = shop_run["latency_ms"]["p99"], shop_run["kib_per_client"]
-        c.note(f"goal p99 <= {GOAL_P99_MS:g} ms: {'met' if p99 is not None and p99 <= GOAL_P99_MS else 'NOT met'} "
+        p99_met = p99 is not None and p99 <= GOAL_P99_MS and not shop_run["missing"]
+        c.note(f"goal p99 <= {GOAL_P99_MS:g} ms (every event delivered): {'met' if p99_met else 'NOT met'} "
                f"({p99} ms); goal <= {GOAL_KIB:g} KiB per client: {'met' if kib <= GOAL_KIB else 'NOT met'} "
                f"({kib} KiB; RSS {shop_run['rss_before_kib']} -> {shop_run['rss_after_kib']} KiB)")
         c.note(f"events that reached a client before the restock's own answer did: {shop_run['early']} "
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
                 "ratio_p99": c.ratio(p99 or 0, base["latency_ms"]["p99"] or 0),
                 "ratio_kib_per_client": c.ratio(kib, base["kib_per_client"]),
                 "goal_p99_ms": GOAL_P99_MS, "goal_kib_per_client": GOAL_KIB,
-                "goals_met": {"p99": p99 is not None and p99 <= GOAL_P99_MS, "memory": kib <= GOAL_KIB},
+                "goals_met": {"p99": p99_met, "memory": kib <= GOAL_KIB},
                 "profiled": args.profile})
     return 0
 
