@@ -23,11 +23,23 @@ async def customers(api: Api, count: int, parallel: int = 16) -> list[Api]:
     return await asyncio.gather(*(one() for _ in range(count)))
 
 
-@pytest.mark.gen_test(timeout=150)
+async def settle(buyer: Api, reply) -> dict:
+    """The order a checkout answer stands for, once it is decided (a 202 is decided in the background)."""
+    order_id = reply.body["id"] if reply.status in (201, 202) else reply.body["error"]["details"]["order_id"]
+    deadline = time.monotonic() + 60
+    while True:
+        order = (await buyer.get(f"/orders/{order_id}")).body
+        if order["status"] != "PENDING":
+            return order
+        assert time.monotonic() < deadline, f"order {order_id} still PENDING"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.gen_test(timeout=200)
 async def test_two_hundred_customers_race_for_fifty_copies(make_shop):
-    # The claim under test is correctness under real concurrency, not latency: generous timeouts keep a busy
-    # test machine from turning slow answers into 202s (still correct, but not what we count here).
-    shop = make_shop({"BOOKSHOP_CHECKOUT_WAIT": "25", "BOOKSHOP_UPSTREAM_TIMEOUT": "20"})
+    # The claim under test is correctness under real concurrency, not latency: on a busy machine some
+    # checkouts answer 202 PENDING and finish in the background; they are followed to their end.
+    shop = make_shop({"BOOKSHOP_CHECKOUT_WAIT": "8"})
     connector = aiohttp.TCPConnector(limit=CUSTOMERS + 10)
     async with aiohttp.ClientSession(connector=connector) as session:
         api = Api(shop, session)
@@ -40,32 +52,31 @@ async def test_two_hundred_customers_race_for_fifty_copies(make_shop):
         replies = await asyncio.gather(*(buyer.order([(isbn, 1)]) for buyer in buyers))
         raced = time.monotonic()
         print(f"\nregistering {CUSTOMERS} customers: {registered - started:.1f}s; "
-              f"the race: {raced - registered:.1f}s")
+              f"the race: {raced - registered:.1f}s; "
+              f"answers: { {s: [r.status for r in replies].count(s) for s in {r.status for r in replies}} }")
 
-        statuses = [r.status for r in replies]
-        assert statuses.count(201) == COPIES, sorted(set(statuses))
-        assert statuses.count(409) == CUSTOMERS - COPIES, sorted(set(statuses))
-        won = [r.body for r in replies if r.status == 201]
-        lost = [r.body["error"] for r in replies if r.status == 409]
-        assert all(o["status"] == "CONFIRMED" and o["payment"]["status"] == "charged" for o in won)
-        assert {e["code"] for e in lost} == {"out_of_stock"}
-        assert all(e["details"]["items"][0]["isbn"] == isbn for e in lost)
+        assert {r.status for r in replies} <= {201, 202, 409}, [r for r in replies if r.status >= 500][:3]
+        for r in replies:
+            if r.status == 409:
+                assert r.body["error"]["code"] == "out_of_stock"
+                assert r.body["error"]["details"]["items"][0]["isbn"] == isbn
+        orders = await asyncio.gather(*(settle(b, r) for b, r in zip(buyers, replies)))
+        won = [o for o in orders if o["status"] == "CONFIRMED"]
+        lost = [o for o in orders if o["status"] == "CANCELLED"]
+        assert len(won) == COPIES and len(lost) == CUSTOMERS - COPIES
+        assert all(o["payment"]["status"] == "charged" for o in won)
+        assert all(o["payment"]["status"] == "none" for o in lost)
+        assert {o["history"][-1]["reason"] for o in lost} == {"out_of_stock"}
+        assert all(r.status != 409 for r, o in zip(replies, orders) if o["status"] == "CONFIRMED")
 
         r = await api.get(f"/inventory/{isbn}")
         assert (r.body["on_hand"], r.body["reserved"], r.body["available"]) == (0, 0, 0)
 
-        order_ids = [o["id"] for o in won] + [e["details"]["order_id"] for e in lost]
-        assert len(set(order_ids)) == CUSTOMERS
-        ledgers = await asyncio.gather(*(staff.get(f"/orders/{order_id}/payments") for order_id in order_ids))
+        assert len({o["id"] for o in orders}) == CUSTOMERS
+        ledgers = await asyncio.gather(*(staff.get(f"/orders/{o['id']}/payments") for o in won + lost))
         assert all(r.status == 200 for r in ledgers)
         entries = [e for r in ledgers for e in r.body]
         assert {e["kind"] for e in entries} == {"charge"}
         assert sum(e["amount_cents"] for e in entries) == COPIES * 1999
         assert all(len(r.body) == 1 for r in ledgers[:COPIES])
         assert all(r.body == [] for r in ledgers[COPIES:])
-
-        # every losing order is CANCELLED, out of stock, and charged nothing
-        for buyer, reply in zip(buyers, replies):
-            if reply.status == 409:
-                order = (await buyer.get(f"/orders/{reply.body['error']['details']['order_id']}")).body
-                assert order["status"] == "CANCELLED" and order["payment"]["status"] == "none"
