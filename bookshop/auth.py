@@ -52,15 +52,21 @@ class TokenVerifier:
     #: because it leaked) stops verifying everywhere, not only in processes started since
     max_age = 300.0
 
+    #: verified tokens remembered (until they expire, or the key set changes): most of a verification's
+    #: ~230 µs is PyJWT's parsing, and one token is presented again and again (the service tokens above all)
+    cache_size = 10_000
+
     def __init__(self, load_jwks: KeyLoader):
         self._load_jwks = load_jwks
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = 0.0
         self._lock = asyncio.Lock()
+        self._verified: dict[str, Principal] = {}
 
     def forget(self) -> None:
         self._keys = {}
         self._fetched_at = 0.0
+        self._verified.clear()
 
     async def _refresh(self, force: bool) -> None:
         async with self._lock:
@@ -81,6 +87,8 @@ class TokenVerifier:
                         keys[item["kid"]] = jwt.PyJWK(item, algorithm=ALGORITHM)
                     except jwt.PyJWTError:
                         log.warning("ignoring an unusable key in the JWKS")
+            if set(keys) != set(self._keys):
+                self._verified.clear()  # a key left (or came): verify everything afresh
             self._keys = keys
 
     async def key_for(self, kid: str) -> jwt.PyJWK:
@@ -96,6 +104,18 @@ class TokenVerifier:
         return self._keys[kid]
 
     async def verify(self, token: str) -> Principal:
+        known = self._verified.get(token)
+        if known is not None:
+            if known.exp > time.time() and time.monotonic() - self._fetched_at < self.max_age:
+                return known
+            del self._verified[token]
+        principal = await self._verify(token)
+        if len(self._verified) >= self.cache_size:
+            self._verified.clear()
+        self._verified[token] = principal
+        return principal
+
+    async def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
