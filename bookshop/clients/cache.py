@@ -7,6 +7,7 @@ fetches them again. A fetch that raced an event is not stored (a per-stream gene
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ class BookPageCache:
         self.levels: dict[str, bytes] = {}
         self.recs: dict[str, tuple[float, bytes]] = {}
         self.generation = {"catalog": 0, "inventory": 0}
+        self._inflight: dict[tuple, asyncio.Future] = {}
         hub.listeners.append(self.on_event)
 
     def _live(self, stream: str) -> bool:
@@ -51,6 +53,7 @@ class BookPageCache:
             self.generation["catalog"] += 1
             self.books.pop(event["data"].get("isbn"), None)
             self.recs.clear()
+            self._inflight.clear()  # a reader from now on must not get a fetch that began before this
 
     def on_stream_state(self, stream: str, connected: bool) -> None:
         if not connected:  # we may miss invalidations from now on
@@ -71,6 +74,7 @@ class BookPageCache:
             self.books.pop(isbn, None)
             self.levels.pop(isbn, None)
             self.recs.clear()
+            self._inflight.clear()
 
     @staticmethod
     def _bounded(table: dict) -> None:
@@ -127,6 +131,9 @@ class BookPageCache:
         hit = self.recs.get(isbn)
         if hit and time.monotonic() - hit[0] < RECS_SECONDS and self._live("catalog"):
             return hit[1]
+        return await self._once(("recs", isbn), self._fetch_recommendations(isbn))
+
+    async def _fetch_recommendations(self, isbn: str) -> bytes:
         gen = self.generation["catalog"]
         try:
             items = await self.recs_client.for_book(isbn)
@@ -138,3 +145,18 @@ class BookPageCache:
             self._bounded(self.recs)
             self.recs[isbn] = (time.monotonic(), value)
         return value
+
+    async def _once(self, key: tuple, fetch) -> bytes:
+        """Single flight: concurrent misses of one entry share one upstream call (no stampede when a
+        popular entry expires or is invalidated)."""
+        pending = self._inflight.get(key)
+        if pending is not None:
+            fetch.close()
+            return await asyncio.shield(pending)
+        task = asyncio.ensure_future(fetch)
+        self._inflight[key] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if self._inflight.get(key) is task:
+                del self._inflight[key]
