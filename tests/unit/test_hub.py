@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import types
 
+import aiohttp
 import pytest
 
 from bookshop.services.errors import Unavailable
 from bookshop.ws import hub as hub_module
 from bookshop.ws.channels import Filter
+from bookshop.ws.follower import StreamFollower
 from bookshop.ws.hub import CATCH_UP_CHUNK, QUEUE_LIMIT, Hub, Stream, event_frame
 
 ANN, BOB = Filter(user_id="u-ann"), Filter(user_id="u-bob")
@@ -319,6 +322,25 @@ async def test_a_late_catch_up_against_a_service_that_is_down_ends_the_subscript
 
 
 @pytest.mark.gen_test
+async def test_a_subscription_the_service_cannot_serve_now_is_refused_without_a_subscribed_frame():
+    shop = Shop()
+    shop.commit("inventory", *(event(s) for s in range(1, 4)), publish=False)  # the follower is not back yet
+    shop.logs["inventory"].down = True
+    for after in (None, 2):
+        conn = Conn()
+        with pytest.raises(Unavailable):
+            await shop.client("inventory", after=after, conn=conn)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert conn.frames == []  # the socket answers with an error frame; never "subscribed"
+    shop.logs["inventory"].down = False
+    conn, _ = await shop.client("inventory", after=2)
+    shop.hub.start("inventory", 3)  # the follower is back
+    await until(lambda: 3 in conn.events())
+    assert conn.types() == ["subscribed", "event"]
+
+
+@pytest.mark.gen_test
 async def test_unsubscribe_leave_and_token_expiry_stop_delivery():
     shop = Shop()
     conn, client = await shop.client("orders", after=0)
@@ -342,6 +364,67 @@ async def test_unsubscribe_leave_and_token_expiry_stop_delivery():
     await until(lambda: 3 in other.events())
     assert conn.events() == [1]
     assert 3 not in gone.events()
+
+
+class FakeServiceSocket:
+    """What ``session.ws_connect`` gives the follower: every frame already buffered, as aiohttp hands over
+    a burst it read in one go (``async for`` then never yields to the event loop)."""
+
+    def __init__(self, frames: list[dict], after_last=None):
+        self.frames = frames
+        self.after_last = after_last
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.frames:
+            if self.after_last is not None:
+                self.after_last()
+            raise StopAsyncIteration  # the service went away: the follower reconnects
+        return aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, json.dumps(self.frames.pop(0)), None)
+
+
+class FakeSession:
+    def __init__(self, *sockets: FakeServiceSocket):
+        self.sockets = list(sockets)
+        self.params: list[dict] = []
+
+    def ws_connect(self, url, params=None, **_):
+        self.params.append(params)
+        return self.sockets.pop(0)
+
+
+class FakeTokens:
+    async def token(self) -> str:
+        return "service-token"
+
+
+@pytest.mark.gen_test
+async def test_the_follower_lets_clients_drain_during_a_burst_and_resumes_from_its_last_seq():
+    shop = Shop()
+    conn, client = await shop.client("inventory")
+    stop = asyncio.Event()
+    burst = 4 * QUEUE_LIMIT
+    session = FakeSession(
+        FakeServiceSocket([{"type": "hello", "seq": 0, "oldest": 0}]
+                          + [{"type": "event", **event(s)} for s in range(1, burst + 1)]),
+        FakeServiceSocket([{"type": "hello", "seq": burst + 1, "oldest": 1}, {"type": "event", **event(burst + 1)}],
+                          after_last=stop.set))
+    http = types.SimpleNamespace(session=session)
+    follower = StreamFollower(shop.hub, "inventory", "http://inventory.test", http, FakeTokens())
+    await asyncio.wait_for(follower.run(stop), 10)
+    await until(lambda: burst + 1 in conn.events())
+    assert conn.slow_closes == 0 and not client.closed
+    assert conn.events() == list(range(1, burst + 2))
+    assert session.params == [{}, {"after": str(burst)}]  # from now on first, then from the last seq seen
+    assert follower.url == "ws://inventory.test/internal/events/ws"
 
 
 def test_event_frames_carry_exactly_the_contract_fields():
