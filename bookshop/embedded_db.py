@@ -64,6 +64,12 @@ class EmbeddedDatabase:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if time.monotonic() + 1.0 < deadline and self.storage_path != ":memory:":
+                    # a previous server on these files may still be shutting down (its run.py was killed
+                    # and it got SIGTERM): try again until the files are free
+                    time.sleep(0.5)
+                    self.launch()
+                    continue
                 raise EmbeddedDatabaseError(
                     f"the embedded database exited with code {self.proc.returncode}"
                     + (f" (see {self.log_path})" if self.log_path else ""))

@@ -249,7 +249,7 @@ async def build(name: str, settings: Settings):
     routes = await BUILDERS[name](ctx)
     app_settings = {}
     if name == "gateway":
-        app_settings = {"websocket_ping_interval": 20, "websocket_ping_timeout": 30,
+        app_settings = {"websocket_ping_interval": 20, "websocket_ping_timeout": 20,
                         "websocket_max_message_size": 64 * 1024}
     return ctx, make_app(ctx, routes, **app_settings)
 
