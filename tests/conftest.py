@@ -53,3 +53,15 @@ def make_shop(mongodb_uri, log_dir):
     yield make
     for s in shops:
         s.stop()
+
+
+@pytest.fixture
+def private_mongodb_uri(mongodb_uri):
+    """A database server of the test's own (unless MONGODB_URI points at a real one): for load tests that
+    must not share the embedded server's single core with what earlier tests left behind."""
+    if os.environ.get("MONGODB_URI"):
+        yield mongodb_uri
+        return
+    db = EmbeddedDatabase(":memory:")
+    yield db.start()
+    db.stop()

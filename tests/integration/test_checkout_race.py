@@ -36,10 +36,10 @@ async def settle(buyer: Api, reply) -> dict:
 
 
 @pytest.mark.gen_test(timeout=200)
-async def test_two_hundred_customers_race_for_fifty_copies(make_shop):
+async def test_two_hundred_customers_race_for_fifty_copies(make_shop, private_mongodb_uri):
     # The claim under test is correctness under real concurrency, not latency: on a busy machine some
     # checkouts answer 202 PENDING and finish in the background; they are followed to their end.
-    shop = make_shop({"BOOKSHOP_CHECKOUT_WAIT": "8"})
+    shop = make_shop({"BOOKSHOP_CHECKOUT_WAIT": "8", "MONGODB_URI": private_mongodb_uri})
     connector = aiohttp.TCPConnector(limit=CUSTOMERS + 10)
     async with aiohttp.ClientSession(connector=connector) as session:
         api = Api(shop, session)
