@@ -28,7 +28,7 @@ CATCH_UP_CHUNK = QUEUE_LIMIT // 4
 
 
 class Connection(Protocol):
-    def write_frame(self, frame: str) -> Awaitable[None]: ...
+    def write_frame(self, frame: str) -> Awaitable[None]: ...  # starts the write at once
     def close_slow(self) -> None: ...
 
 
@@ -99,23 +99,41 @@ class Client:
             self._make_room()
             self.conn.close_slow()
             return
-        self.queue.append(frame)
-        if not self.writing:
-            self.writing = True
-            asyncio.ensure_future(self._drain())
+        if self.writing:
+            self.queue.append(frame)
+        else:
+            self._write([frame])
 
-    async def _drain(self) -> None:
+    def _write(self, frames: list[str]) -> None:
+        """Hand frames to the socket now (tornado puts the bytes out at once when the socket has room) and
+        the next batch when these are flushed: no task of ours per client per event, and a client whose
+        socket is blocked keeps its frames in our bounded queue, not in the socket's buffer."""
+        self.writing = True
         try:
-            while self.queue and not self.closed:
-                await self.conn.write_frame(self.queue.pop(0))
-                if len(self.queue) < CATCH_UP_CHUNK:
-                    self._make_room()
-        except Exception:  # noqa: BLE001 - a closed socket ends this client, nothing else
-            self.closed = True
-            self.queue.clear()
-        finally:
-            self.writing = False
-            self._make_room()
+            if len(frames) == 1:  # the usual case: no gathering future to pay for
+                pending = asyncio.ensure_future(self.conn.write_frame(frames[0]))
+            else:
+                pending = asyncio.gather(*(asyncio.ensure_future(self.conn.write_frame(f)) for f in frames))
+        except Exception:  # noqa: BLE001 - the socket is closed: this client is over
+            self._fail()
+            return
+        pending.add_done_callback(self._written)
+
+    def _written(self, pending: asyncio.Future) -> None:
+        self.writing = False
+        if pending.cancelled() or pending.exception() is not None:
+            self._fail()
+            return
+        if self.queue and not self.closed:
+            frames, self.queue = self.queue, []
+            self._write(frames)
+        self._make_room()
+
+    def _fail(self) -> None:
+        self.writing = False
+        self.closed = True
+        self.queue.clear()
+        self._make_room()
 
 
 def event_frame(channel: str, event: dict) -> str:

@@ -62,8 +62,9 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         self.ctx.deps["sockets"].add(self)
 
     # Connection protocol used by the hub
-    async def write_frame(self, frame: str) -> None:
-        await self.write_message(frame)
+    def write_frame(self, frame: str):
+        # tornado writes to the socket inside write_message; the future says when it is flushed
+        return self.write_message(frame)
 
     def close_slow(self) -> None:
         self.ctx.metrics.count("websocket_slow_clients")
