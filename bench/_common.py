@@ -8,6 +8,7 @@ same run and reports ratios against it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import io
 import json
@@ -28,6 +29,8 @@ import urllib.parse
 import urllib.request
 import uuid
 from typing import Any, Awaitable, Callable, Iterable
+
+from pymongo import monitoring
 
 from bookshop import SERVICES
 from bookshop.procs import die_with_parent
@@ -705,3 +708,23 @@ def profile_report(path: str, limit: int = 25) -> str:
     stats.sort_stats("tottime").print_stats(limit)
     stats.sort_stats("cumulative").print_stats(limit)
     return "\n".join(line for line in out.getvalue().splitlines() if line.strip())
+
+
+class CommandCounter(monitoring.CommandListener):
+    """Counts the commands a motor/pymongo client sends, by name (an in-process view of database round trips)."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def started(self, event):
+        self.counts[event.command_name] += 1
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass

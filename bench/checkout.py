@@ -145,19 +145,6 @@ async def orders_db_work(uri: str, isbn: str, samples: int) -> dict:
     from bookshop.storage.orders import IdempotencyRepo, OrderRepo, new_order_id
     from bookshop.storage.outbox import EventLog, utcnow
 
-    class Listener(monitoring.CommandListener):
-        def __init__(self):
-            self.counts = collections.Counter()
-
-        def started(self, event):
-            self.counts[event.command_name] += 1
-
-        def succeeded(self, event):
-            pass
-
-        def failed(self, event):
-            pass
-
     class Catalog:
         async def books(self, isbns):
             return {i: {"isbn": i, "title": "A Book", "price_cents": 1000, "currency": "EUR"} for i in isbns}
@@ -175,7 +162,7 @@ async def orders_db_work(uri: str, isbn: str, samples: int) -> dict:
         async def charge(self, order_id, amount_cents, currency, card):
             return {"order_id": order_id, "status": "charged"}
 
-    listener = Listener()
+    listener = c.CommandCounter()
     monitoring.register(listener)  # applies to clients created from now on: the Database below
     database = Database(uri, "bench_orders_" + uuid.uuid4().hex[:8])
     try:

@@ -123,26 +123,12 @@ def run_case(bench: c.Bench, meter: c.Meter, url: str, name: str, isbns: list[st
 async def count_in_process(uri: str, isbn: str, count: int) -> dict:
     """Commands per reservation, exactly: the service's own Reservations code on a listening client."""
     from motor.motor_asyncio import AsyncIOMotorClient
-    from pymongo import monitoring
 
     from bookshop.services.inventory import Reservations
     from bookshop.storage.inventory import LevelRepo, ReservationRepo
     from bookshop.storage.outbox import utcnow
 
-    class Listener(monitoring.CommandListener):
-        def __init__(self):
-            self.counts = collections.Counter()
-
-        def started(self, event):
-            self.counts[event.command_name] += 1
-
-        def succeeded(self, event):
-            pass
-
-        def failed(self, event):
-            pass
-
-    listener = Listener()
+    listener = c.CommandCounter()
     client = AsyncIOMotorClient(uri, event_listeners=[listener], retryWrites=False, tz_aware=True)
     try:
         database = client["bench_inproc_" + uuid.uuid4().hex[:8]]

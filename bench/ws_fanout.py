@@ -116,25 +116,11 @@ async def pipeline_in_process(uri: str, samples: int) -> dict:
     """The inventory's part of the event pipeline, in-process: the real LevelRepo, EventLog and Relay on a
     scratch database. Milliseconds (median) and database commands per restock, by step."""
     from motor.motor_asyncio import AsyncIOMotorClient
-    from pymongo import monitoring
 
     from bookshop.storage.inventory import LevelRepo
     from bookshop.storage.outbox import EventLog, Relay
 
-    class Listener(monitoring.CommandListener):
-        def __init__(self):
-            self.count = 0
-
-        def started(self, event):
-            self.count += 1
-
-        def succeeded(self, event):
-            pass
-
-        def failed(self, event):
-            pass
-
-    listener = Listener()
+    listener = c.CommandCounter()
     client = AsyncIOMotorClient(uri, event_listeners=[listener], retryWrites=False, tz_aware=True)
     try:
         database = client["bench_pipeline_" + uuid.uuid4().hex[:8]]
@@ -151,10 +137,10 @@ async def pipeline_in_process(uri: str, samples: int) -> dict:
                      ("relay pass", relay.run_once),
                      ("event stream read", lambda: log_.read(seq, 500))]
             for name, step in steps:
-                before, started = listener.count, time.perf_counter()
+                before, started = listener.total, time.perf_counter()
                 await step()
                 ms[name].append((time.perf_counter() - started) * 1000)
-                commands[name].append(listener.count - before)
+                commands[name].append(listener.total - before)
         await client.drop_database(database.name)
         out = {name: {"ms": round(statistics.median(ms[name]), 2), "commands": statistics.median(commands[name])}
                for name in ms}
