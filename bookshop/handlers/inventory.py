@@ -5,6 +5,7 @@ import logging
 
 from bookshop.handlers.base import BaseHandler
 from bookshop.handlers.catalog import ISBN
+from bookshop.handlers.common import int_arg
 from bookshop.services import errors
 from bookshop.services.inventory import NotFoundError, check_quantity, levels_view
 from bookshop.services.isbn import normalize_isbn
@@ -62,12 +63,10 @@ class AllLevelsHandler(BaseHandler):
 
     async def get(self):
         self.require("service")
-        raw = self.get_query_argument("limit", "1000")
-        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
-            raise errors.InvalidInput("limit: 1 to 1000", code="invalid_field", details={"field": "limit"})
+        limit = int_arg(self, "limit", 1000, 1, 1000)
         after = self.get_query_argument("after", None)
         seq = await self.ctx.event_log.latest_seq()  # read first: later events are newer than the snapshot
-        docs = await self.ctx.deps["levels"].list(after, int(raw))
+        docs = await self.ctx.deps["levels"].list(after, limit)
         self.write_json({"items": [levels_view(d["_id"], d) for d in docs], "seq": seq})
 
 

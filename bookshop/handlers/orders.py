@@ -13,6 +13,7 @@ from bookshop.handlers.base import BaseHandler, error_body, status_of
 from bookshop.handlers.catalog import ISBN
 from bookshop.handlers.common import int_arg
 from bookshop.services import cards, errors
+from bookshop.services.catalog import page_limit
 from bookshop.services.checkout import PlaceOrder
 from bookshop.services.isbn import normalize_isbn
 from bookshop.services.orders import OrderStatus, merge_lines, price, qualifies_for_promotion
@@ -121,11 +122,7 @@ class OrdersHandler(BaseHandler):
         if status is not None and status not in {s.value for s in OrderStatus}:
             raise errors.InvalidInput("status: one of PENDING, CONFIRMED, SHIPPED, CANCELLED",
                                       code="invalid_field", details={"field": "status"})
-        raw_limit = self.get_query_argument("limit", "20")
-        if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
-            raise errors.InvalidInput("limit: must be an integer from 1 to 100", code="invalid_field",
-                                      details={"field": "limit"})
-        limit = int(raw_limit)
+        limit = page_limit(self.get_query_argument("limit", None))
         cursor = self.get_query_argument("cursor", None)
         before = None
         if cursor:
