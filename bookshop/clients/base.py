@@ -47,11 +47,6 @@ class Reply:
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
-    def error_code(self) -> str | None:
-        if isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
-            return self.body["error"].get("code")
-        return None
-
     def error(self) -> dict:
         if isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
             return self.body["error"]
