@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import secrets
 from typing import Mapping
@@ -41,6 +42,12 @@ class Settings:
     payments_failure_rate: float = 0.0
     login_max_failures: int = 10
     login_lock_seconds: int = 60
+    # registrations per client address per 10 minutes (0: no limit)
+    registration_limit: int = 100
+    # WebSocket connections per client address (0: no limit)
+    ws_max_per_address: int = 2000
+    # peers whose X-Forwarded-For is believed (addresses or CIDR ranges)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def port(self, service: str) -> int:
         return self.port_base + SERVICES[service]
@@ -130,6 +137,21 @@ class Settings:
         # the contract: a lock after at most 10 failures in a row
         integer("BOOKSHOP_LOGIN_MAX_FAILURES", "login_max_failures", 1, 10)
         integer("BOOKSHOP_LOGIN_LOCK_SECONDS", "login_lock_seconds", 1, 86400)
+        integer("BOOKSHOP_REGISTRATION_LIMIT", "registration_limit", 0, 1_000_000)
+        integer("BOOKSHOP_WS_MAX_PER_ADDRESS", "ws_max_per_address", 0, 1_000_000)
+
+        proxies = env.get("BOOKSHOP_TRUSTED_PROXIES", "").strip()
+        if proxies:
+            networks = []
+            for entry in (p.strip() for p in proxies.split(",")):
+                if not entry:
+                    continue
+                try:
+                    networks.append(ipaddress.ip_network(entry, strict=False))
+                except ValueError:
+                    raise SettingsError(
+                        f"BOOKSHOP_TRUSTED_PROXIES: {entry!r} is not an IP address or CIDR range") from None
+            kw["trusted_proxies"] = tuple(networks)
 
         origins = env.get("BOOKSHOP_ALLOWED_ORIGINS", "").strip()
         if origins:

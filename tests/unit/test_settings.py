@@ -146,3 +146,15 @@ def test_service_names_are_checked():
     with pytest.raises(SettingsError) as info:
         validate_service("shipping")
     assert "shipping" in str(info.value) and "gateway" in str(info.value)
+
+
+def test_hardening_limits_have_the_contract_defaults():
+    s = Settings.from_env({})
+    assert (s.registration_limit, s.ws_max_per_address, s.trusted_proxies) == (100, 2000, ())
+
+
+def test_trusted_proxies_are_addresses_or_ranges():
+    s = Settings.from_env({"BOOKSHOP_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.1,2001:db8::/32"})
+    assert [str(n) for n in s.trusted_proxies] == ["10.0.0.0/8", "192.168.1.1/32", "2001:db8::/32"]
+    with pytest.raises(SettingsError, match="BOOKSHOP_TRUSTED_PROXIES"):
+        Settings.from_env({"BOOKSHOP_TRUSTED_PROXIES": "10.0.0.0/8,proxy.local"})
