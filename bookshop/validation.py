@@ -17,6 +17,9 @@ from bookshop.services.errors import InvalidInput
 
 T = TypeVar("T", bound=pydantic.BaseModel)
 
+#: each array or object is one level (a top-level ``{}`` is level 1); deeper documents are malformed
+MAX_DEPTH = 32
+
 
 class StrictModel(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(strict=True, extra="forbid", str_strip_whitespace=False,
@@ -27,29 +30,36 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json(raw: bytes) -> Any:
+def parse_json(raw: bytes | str) -> Any:
+    """Strict JSON: no NaN/Infinity, at most ``MAX_DEPTH`` levels, no operator-looking keys."""
     if not raw:
         raise InvalidInput("request body must be JSON", code="malformed_json")
     try:
         value = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"malformed JSON: {exc}", code="malformed_json") from None
+    except RecursionError:
+        # the C decoder gives up cleanly far beyond MAX_DEPTH (thousands of levels): same answer
+        raise InvalidInput(f"malformed JSON: nested deeper than {MAX_DEPTH} levels", code="malformed_json") from None
     check_operators(value)
     return value
 
 
-def check_operators(value: Any, path: str = "") -> None:
-    """Reject ``$``-prefixed keys anywhere in a JSON document (``{"$gt": ""}``)."""
+def check_operators(value: Any, path: str = "", depth: int = 1) -> None:
+    """Reject ``$``-prefixed keys anywhere in a JSON document (``{"$gt": ""}``), and nesting deeper than
+    ``MAX_DEPTH`` (checked on the way down, so the walk itself stays shallow)."""
+    if isinstance(value, (dict, list)) and depth > MAX_DEPTH:
+        raise InvalidInput(f"malformed JSON: nested deeper than {MAX_DEPTH} levels", code="malformed_json")
     if isinstance(value, dict):
         for key, item in value.items():
             where = f"{path}.{key}" if path else key
             if key.startswith("$") or "\x00" in key:
                 raise InvalidInput(f"{path or 'body'}: operator-like key {key!r} is not allowed",
                                    code="invalid_field", details={"field": path or "body"})
-            check_operators(item, where)
+            check_operators(item, where, depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            check_operators(item, f"{path}[{i}]")
+            check_operators(item, f"{path}[{i}]", depth + 1)
 
 
 def _loc(loc: tuple) -> str:
