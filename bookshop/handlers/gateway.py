@@ -11,6 +11,7 @@ import tornado.web
 
 from bookshop.handlers.base import REQUEST_ID, BaseHandler
 from bookshop.handlers.common import int_arg
+from bookshop.net import client_address
 from bookshop.services import errors
 from bookshop.services.isbn import normalize_isbn
 from bookshop.ws.channels import CHANNELS, ChannelError, authorize
@@ -24,17 +25,29 @@ FORWARDED_RESPONSE_HEADERS = ("Retry-After", "Location")
 
 
 class ProxyHandler(BaseHandler):
-    """Forwards a public API call to the service that owns it, as it came (token, body, query)."""
+    """Forwards a public API call to the service that owns it, as it came (token, body, query).
 
-    def initialize(self, ctx=None, route="?", upstream: str = "", public=frozenset(), **_):
+    ``methods`` are the methods the route has upstream: any other is 405 here, before authentication, as
+    on every service (not a 401 for a method that does not exist)."""
+
+    def initialize(self, ctx=None, route="?", upstream: str = "", public=frozenset(), methods=frozenset(), **_):
         super().initialize(ctx=ctx, route=route)
         self.upstream = upstream
         self.public = public
+        self.methods = methods
+
+    async def check(self) -> None:
+        if self.request.method not in self.methods:
+            raise tornado.web.HTTPError(405)
+        await super().check()
 
     async def forward(self, *_args):
         client = self.ctx.deps["upstreams"][self.upstream]
         headers = {h: self.request.headers[h] for h in FORWARDED_REQUEST_HEADERS if h in self.request.headers}
-        headers["X-Forwarded-For"] = self.request.remote_ip or ""
+        # the upstream believes this header only from us (we send a service token): the client's address,
+        # behind the proxies BOOKSHOP_TRUSTED_PROXIES names
+        headers["X-Forwarded-For"] = client_address(self.request.remote_ip, self.request.headers.get("X-Forwarded-For"),
+                                                    self.ctx.settings.trusted_proxies)
         if self.upstream == "users":
             headers["X-Service-Authorization"] = f"Bearer {await self.ctx.tokens.token()}"
         body = self.body if self.request.method in ("POST", "PUT", "PATCH") else None
@@ -136,26 +149,31 @@ class StaticHandler(tornado.web.StaticFileHandler):
 
 
 def routes() -> list[tuple]:
-    anyone, none = frozenset({"POST"}), frozenset()
     isbn = r"([^/]{1,64})"
+    # pattern, owner, the methods the route has, those of them anyone may call
     table = [
-        (r"/api/v1/users", "users", frozenset({"POST"})),
-        (r"/api/v1/users/me", "users", none),
-        (r"/api/v1/tokens", "users", anyone),
-        (r"/api/v1/tokens/refresh", "users", anyone),
-        (r"/api/v1/books", "catalog", frozenset({"GET"})),
-        (rf"/api/v1/inventory/{isbn}", "inventory", frozenset({"GET"})),
-        (rf"/api/v1/inventory/{isbn}/restock", "inventory", none),
-        (r"/api/v1/cart", "orders", none),
-        (rf"/api/v1/cart/items/{isbn}", "orders", none),
-        (r"/api/v1/orders", "orders", none),
-        (r"/api/v1/orders/([^/]+)", "orders", none),
-        (r"/api/v1/orders/([^/]+)/(cancel|ship|payments)", "orders", none),
-        (r"/api/v1/recommendations", "recommendations", frozenset({"GET"})),
+        (r"/api/v1/users", "users", {"POST"}, {"POST"}),
+        (r"/api/v1/users/me", "users", {"GET"}, set()),
+        (r"/api/v1/users/me/password", "users", {"POST"}, set()),
+        (r"/api/v1/tokens", "users", {"POST"}, {"POST"}),
+        (r"/api/v1/tokens/refresh", "users", {"POST"}, {"POST"}),
+        (r"/api/v1/tokens/revoke", "users", {"POST"}, {"POST"}),
+        (r"/api/v1/books", "catalog", {"GET", "POST"}, {"GET"}),
+        (rf"/api/v1/inventory/{isbn}", "inventory", {"GET"}, {"GET"}),
+        (rf"/api/v1/inventory/{isbn}/restock", "inventory", {"POST"}, set()),
+        (r"/api/v1/cart", "orders", {"GET"}, set()),
+        (rf"/api/v1/cart/items/{isbn}", "orders", {"PUT"}, set()),
+        (r"/api/v1/orders", "orders", {"GET", "POST"}, set()),
+        (r"/api/v1/orders/([^/]+)", "orders", {"GET"}, set()),
+        (r"/api/v1/orders/([^/]+)/(cancel|ship)", "orders", {"POST"}, set()),
+        (r"/api/v1/orders/([^/]+)/payments", "orders", {"GET"}, set()),
+        (r"/api/v1/recommendations", "recommendations", {"GET"}, {"GET"}),
     ]
-    out = [(pattern, ProxyHandler, {"upstream": upstream, "public": public}) for pattern, upstream, public in table]
+    out = [(pattern, ProxyHandler, {"upstream": upstream, "methods": frozenset(methods), "public": frozenset(public)})
+           for pattern, upstream, methods, public in table]
     out += [
-        (rf"/api/v1/books/{isbn}", BookPageHandler, {"upstream": "catalog", "public": frozenset({"GET"})}),
+        (rf"/api/v1/books/{isbn}", BookPageHandler,
+         {"upstream": "catalog", "methods": frozenset({"GET", "PATCH", "DELETE"}), "public": frozenset({"GET"})}),
         (r"/api/v1/events", EventsHandler),
         (r"/ws", LiveSocket),
         (r"/", DashboardHandler),
