@@ -94,6 +94,14 @@ class Api:
         email, password = await self.register()
         return self.as_((await self.login(email, password))["access_token"])
 
+    async def service(self, client_id: str = "orders") -> "Api":
+        """Signed in as a service (OAuth2 client credentials with the shop's service secret)."""
+        form = {"grant_type": "client_credentials", "client_id": client_id,
+                "client_secret": self.shop.env["BOOKSHOP_SERVICE_SECRET"]}
+        async with self.session.post(self.shop.url("users") + "/oauth/token", data=form) as resp:
+            assert resp.status == 200, await resp.text()
+            return self.as_((await resp.json())["access_token"])
+
     async def staff(self) -> "Api":
         return self.as_((await self.login(ADMIN_EMAIL, ADMIN_PASSWORD))["access_token"])
 

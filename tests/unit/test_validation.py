@@ -97,3 +97,19 @@ def test_dollar_signs_in_values_and_inside_keys_are_data():
 def test_operator_values_are_not_strings_for_the_model():
     error = invalid(Line, {"isbn": {"gt": ""}, "quantity": 1})
     assert error.details["field"] == "isbn"
+
+
+@pytest.mark.parametrize("depth", [33, 1000, 100_000])
+def test_nesting_deeper_than_32_levels_is_malformed_json(depth):
+    for raw in ("[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth):
+        with pytest.raises(InvalidInput) as info:
+            parse_json(raw.encode())
+        assert info.value.code == "malformed_json" and "32 levels" in info.value.message
+
+
+def test_32_levels_are_allowed():
+    value = parse_json(("[" * 32 + "]" * 32).encode())
+    for _ in range(31):
+        value = value[0]
+    assert value == []
+    assert parse_json(b'{"items": [{"isbn": "x"}]}') == {"items": [{"isbn": "x"}]}  # 3 levels
