@@ -5,6 +5,9 @@
     python run.py --service NAME --port N      one service alone (needs MONGODB_URI, BOOKSHOP_SERVICE_SECRET
                                                and BOOKSHOP_<NAME>_URL for the services it calls)
     python run.py rotate-keys                  start signing with a new key (users database)
+    python run.py loadgen --url URL --users N --duration SECONDS
+                                               a mixed shopping load against a running shop, then its
+                                               invariants checked (staff: BOOKSHOP_ADMIN_EMAIL/_PASSWORD)
 """
 from __future__ import annotations
 
@@ -35,7 +38,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     _coverage()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadgen"]:  # a client of a running shop, with options of its own
+        from bookshop import loadgen
+        return loadgen.main(argv[1:], os.environ.get("BOOKSHOP_ADMIN_EMAIL"), os.environ.get("BOOKSHOP_ADMIN_PASSWORD"))
+    args = parse_args(argv)
     from bookshop.logs import setup_logging
     from bookshop.settings import Settings, SettingsError, validate_service
 

@@ -19,6 +19,7 @@ setup(
         "prometheus-client>=0.20",
         "tenacity>=8.2",
         "circuitbreaker>=2.0",
+        "rich>=13",  # loadgen's live progress
         # the embedded database: a pre-release, so pinned exactly
         "secantusdb==0.7.0b3",
     ],
