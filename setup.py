@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="An online bookshop built as real-time Tornado microservices",
     packages=find_packages(include=["bookshop", "bookshop.*"]),
-    package_data={"bookshop": ["static/*"]},
+    # openapi.yaml is a link to docs/openapi.yaml, the one source of the API description
+    package_data={"bookshop": ["static/*", "openapi.yaml"]},
     python_requires=">=3.11",
     install_requires=[
         "tornado>=6.4",
@@ -20,6 +21,7 @@ setup(
         "tenacity>=8.2",
         "circuitbreaker>=2.0",
         "rich>=13",  # loadgen's live progress
+        "PyYAML>=6",  # the served API description is read from docs/openapi.yaml
         # the embedded database: a pre-release, so pinned exactly
         "secantusdb==0.7.0b3",
     ],

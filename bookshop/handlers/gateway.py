@@ -3,6 +3,7 @@ long-poll event fallback, the WebSocket hub and the dashboard."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import uuid
@@ -20,6 +21,7 @@ from bookshop.ws.socket import LiveSocket
 log = logging.getLogger(__name__)
 
 STATIC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "static")
+OPENAPI = os.path.join(os.path.dirname(os.path.dirname(__file__)), "openapi.yaml")
 FORWARDED_REQUEST_HEADERS = ("Authorization", "Idempotency-Key", "Content-Type", "Accept")
 FORWARDED_RESPONSE_HEADERS = ("Retry-After", "Location")
 
@@ -123,6 +125,26 @@ class EventsHandler(BaseHandler):
         self.write_json({"items": items, "seq": last if page["items"] else min(after, page["seq"])})
 
 
+class OpenApiHandler(BaseHandler):
+    """``GET /api/v1/openapi.json``: the API description, from the one source file (``docs/openapi.yaml``,
+    shipped in the package as ``bookshop/openapi.yaml``), read and turned into JSON once per process."""
+
+    public = {"GET"}
+    _document: bytes | None = None
+
+    @classmethod
+    def document(cls) -> bytes:
+        if cls._document is None:
+            import yaml
+            with open(OPENAPI, encoding="utf-8") as fh:
+                cls._document = json.dumps(yaml.safe_load(fh), separators=(",", ":")).encode()
+        return cls._document
+
+    def get(self):
+        self.set_header("Cache-Control", "public, max-age=300")
+        self.finish(self.document())
+
+
 class DashboardHandler(BaseHandler):
     public = {"GET", "HEAD"}
 
@@ -175,6 +197,7 @@ def routes() -> list[tuple]:
         (rf"/api/v1/books/{isbn}", BookPageHandler,
          {"upstream": "catalog", "methods": frozenset({"GET", "PATCH", "DELETE"}), "public": frozenset({"GET"})}),
         (r"/api/v1/events", EventsHandler),
+        (r"/api/v1/openapi.json", OpenApiHandler),
         (r"/ws", LiveSocket),
         (r"/", DashboardHandler),
         (r"/static/(.*)", StaticHandler),
