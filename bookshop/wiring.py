@@ -208,7 +208,7 @@ async def _gateway(ctx: ServiceContext) -> list:
         upstreams["orders"].raise_for(reply)
         return reply.body["seq"], {"items": reply.body["items"]}
 
-    hub = Hub(streams, snapshot, ctx.metrics)
+    hub = Hub(streams, snapshot, ctx.metrics, max_per_address=ctx.settings.ws_max_per_address)
     cache = BookPageCache(hub, upstreams["catalog"],
                           clients.InventoryClient(ctx.http, ctx.settings.url("inventory"), ctx.tokens, timeout=part,
                                                   retries=0),

@@ -5,11 +5,16 @@ the owning service's event log (kept 48 h), and one resuming from before that ge
 subscription catches up first and only then goes live; both happen on the event loop without an ``await``
 between "caught up?" and "live", so no event can slip between them. Each client has a bounded queue: a
 client too slow to drain it is closed with 4008 and resumes with ``after``.
+
+Nothing a client sends makes the hub keep more than its live subscriptions: a channel's set of readers goes
+when its last reader does, sockets are counted per client address only while they are open, and subscribes
+that need the same snapshot (or the same head of a stream) at the same time share one read of the service.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 from typing import Any, Awaitable, Callable, Protocol
@@ -64,10 +69,11 @@ class Subscription:
 class Client:
     """A connected WebSocket client: its subscriptions and its bounded outgoing queue."""
 
-    __slots__ = ("conn", "subs", "queue", "writing", "closed", "principal", "room", "__weakref__")
+    __slots__ = ("conn", "address", "subs", "queue", "writing", "closed", "principal", "room", "__weakref__")
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: Connection, address: str | None = None):
         self.conn = conn
+        self.address = address  # the client address its socket is counted under (None: not counted)
         self.subs: dict[str, Subscription] = {}
         # a list, not a deque: an idle client's empty list costs 56 bytes, a deque 760 (a thousand idle
         # clients are the normal case); the queue never holds more than QUEUE_LIMIT frames
@@ -145,51 +151,109 @@ Snapshotter = Callable[[str, Subscription, Any], Awaitable[tuple[int, Any]]]
 
 
 class Hub:
-    def __init__(self, streams: dict[str, Stream], snapshot: Snapshotter, metrics=None):
+    """The clients, what each reads, and the streams they read from.
+
+    ``max_per_address`` bounds the open sockets of one client address (0: no bound)."""
+
+    def __init__(self, streams: dict[str, Stream], snapshot: Snapshotter, metrics=None, max_per_address: int = 0):
         self.streams = streams
         self.snapshot = snapshot
         self.clients: set[Client] = set()
         self.listeners: list[Callable[[str, dict], None]] = []
         self.metrics = metrics
-        # channel -> clients subscribed to it
-        self._by_channel: dict[str, set[Client]] = collections.defaultdict(set)
+        self.max_per_address = max_per_address
+        # channel -> clients subscribed to it; a channel is here only while someone reads it
+        self._by_channel: dict[str, set[Client]] = {}
+        # client address -> its open sockets; an address is here only while it has some
+        self._per_address: dict[str, int] = {}
+        # reads of a service in flight (a snapshot, a stream's head), shared by whoever needs the same one
+        self._reads: dict[tuple, asyncio.Future] = {}
         self._resuming: set[asyncio.Future] = set()
 
     # -- clients ------------------------------------------------------------------------------------
-    def join(self, conn: Connection) -> Client:
-        client = Client(conn)
+    def admits(self, address: str) -> bool:
+        """May one more socket open from ``address``?"""
+        return not self.max_per_address or self._per_address.get(address, 0) < self.max_per_address
+
+    def sockets_from(self, address: str) -> int:
+        return self._per_address.get(address, 0)
+
+    def join(self, conn: Connection, address: str | None = None) -> Client:
+        client = Client(conn, address)
         self.clients.add(client)
+        if address is not None:
+            self._per_address[address] = self._per_address.get(address, 0) + 1
         self._gauge()
         return client
 
     def leave(self, client: Client) -> None:
+        """The client is gone (or being sent away). Safe to call more than once."""
         client.closed = True
         client._make_room()  # wakes a catch-up waiting for this client, which then ends
         for channel in client.subs:
-            self._by_channel[channel].discard(client)
+            self._stop_reading(client, channel)
         client.subs.clear()
+        if client not in self.clients:
+            return
         self.clients.discard(client)
+        if client.address is not None:
+            left = self._per_address.pop(client.address, 1) - 1
+            if left > 0:
+                self._per_address[client.address] = left
         self._gauge()
 
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.gauge("websocket_clients", len(self.clients))
 
+    def _stop_reading(self, client: Client, channel: str) -> None:
+        readers = self._by_channel.get(channel)
+        if readers is not None:
+            readers.discard(client)
+            if not readers:
+                del self._by_channel[channel]
+
     def unsubscribe(self, client: Client, channel: str) -> None:
-        client.subs.pop(channel, None)
-        self._by_channel[channel].discard(client)
+        """Ends the client's subscription to ``channel``, if it has one (any name: nothing is kept for it)."""
+        if client.subs.pop(channel, None) is not None:
+            self._stop_reading(client, channel)
+
+    async def _shared_read(self, key: tuple, read: Callable[[], Awaitable]):
+        """``await read()``, or the same read already in flight for ``key``: a flood of subscribes costs the
+        service one read, and one subscriber going away does not cancel it for the others."""
+        flight = self._reads.get(key)
+        if flight is None:
+            flight = self._reads[key] = asyncio.ensure_future(read())
+            flight.add_done_callback(functools.partial(self._landed, key))
+        return await asyncio.shield(flight)
+
+    def _landed(self, key: tuple, flight: asyncio.Future) -> None:
+        if self._reads.get(key) is flight:
+            del self._reads[key]  # the next subscribe reads afresh: nothing is cached
+        if not flight.cancelled():
+            flight.exception()  # seen: when every waiter went away, a failure is not "never retrieved"
+
+    async def _head(self, stream: Stream) -> int:
+        """The last seq the service's log holds."""
+        return (await self._shared_read(("head", stream.name), lambda: stream.source.read(2**62, 1)))["seq"]
+
+    async def _read_snapshot(self, sub: Subscription, principal) -> tuple[int, Any]:
+        # the snapshot depends on the channel and the filter alone (orders:mine: the user's own orders); a
+        # subscriber joining a read started earlier is still exact, as it catches up from the snapshot's seq
+        return await self._shared_read(("snapshot", sub.channel, sub.filter),
+                                       lambda: self.snapshot(sub.channel, sub, principal))
 
     async def subscribe(self, client: Client, channel: str, filter_: Filter, after: int | None) -> None:
         stream = self.streams[CHANNELS[channel]]
         self.unsubscribe(client, channel)
         sub = Subscription(channel, filter_)
         client.subs[channel] = sub
-        self._by_channel[channel].add(client)
+        self._by_channel.setdefault(channel, set()).add(client)
         # "subscribed" only once the service behind the channel answered (an error frame instead, if it is
         # down); the subscription is not live meanwhile, and the catch-up covers what happens in between
-        if after is not None and after > stream.seq and after > (await stream.source.read(after, 1))["seq"]:
+        if after is not None and after > stream.seq and after > await self._head(stream):
             after = None  # a seq from the future (another shop, a reset database): start afresh
-        snapshot = None if after is not None else await self.snapshot(channel, sub, client.principal)
+        snapshot = None if after is not None else await self._read_snapshot(sub, client.principal)
         if client.subs.get(channel) is not sub:
             return  # unsubscribed (or the token expired) meanwhile
         client.send(json.dumps({"type": "subscribed", "channel": channel, "seq": stream.seq}))
@@ -198,7 +262,7 @@ class Hub:
         await self._catch_up(client, sub, stream, after)
 
     async def _send_snapshot(self, client: Client, sub: Subscription) -> int:
-        return self._snapshot_frame(client, sub, *await self.snapshot(sub.channel, sub, client.principal))
+        return self._snapshot_frame(client, sub, *await self._read_snapshot(sub, client.principal))
 
     def _snapshot_frame(self, client: Client, sub: Subscription, seq: int, data) -> int:
         client.send(json.dumps({"type": "snapshot", "channel": sub.channel, "seq": seq, "data": data},

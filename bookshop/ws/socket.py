@@ -1,4 +1,7 @@
-"""The gateway's ``/ws`` endpoint: the client protocol of the contract on top of the hub."""
+"""The gateway's ``/ws`` endpoint: the client protocol of the contract on top of the hub.
+
+What one client may cost is bounded here: sockets per client address (refused at the upgrade with 429),
+frames per socket (a client past its budget is closed with 1008), 64 KiB and 32 levels of JSON per frame."""
 from __future__ import annotations
 
 import asyncio
@@ -12,13 +15,17 @@ import tornado.websocket
 
 from bookshop.auth import bearer
 from bookshop.handlers.base import REQUEST_ID
+from bookshop.net import client_address
 from bookshop.services import errors
-from bookshop.ws.channels import ChannelError, authorize, parse_message, private
+from bookshop.ws.channels import ChannelError, MessageBudget, authorize, check_known, parse_message, private
 from bookshop.ws.hub import SLOW_CLIENT
 
 log = logging.getLogger(__name__)
 
 SEND_BUFFER = 32 * 1024  # bytes of socket send buffer per client (the kernel doubles it)
+POLICY_VIOLATION = 1008
+# seconds a client refused for having too many sockets open is asked to wait (its others must close first)
+RETRY_AFTER = 10
 
 
 class LiveSocket(tornado.websocket.WebSocketHandler):
@@ -30,6 +37,8 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         self.hub = ctx.deps["hub"]
         self.client = None
         self._expiry = None
+        self.address = None
+        self.budget = MessageBudget()
 
     def set_default_headers(self) -> None:
         given = self.request.headers.get("X-Request-ID", "")
@@ -44,10 +53,25 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         # both. Only the configured origins may connect (clients that send no Origin are not browsers).
         origin = self.request.headers.get("Origin")
         if origin is not None and not self.check_origin(origin):
-            self.set_status(403)
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": {"code": "origin_not_allowed",
-                                              "message": f"WebSocket origin {origin!r} is not allowed"}}))
+            self._refuse(403, "origin_not_allowed", f"WebSocket origin {origin!r} is not allowed")
+            return
+        settings = self.ctx.settings
+        self.address = client_address(self.request.remote_ip, self.request.headers.get("X-Forwarded-For"),
+                                      settings.trusted_proxies)
+        # Only counted in open(), the moment the hub takes the client on: tornado goes from here to open()
+        # without yielding to the loop, so concurrent handshakes from one address cannot all slip through,
+        # and one that fails in between (bad headers) leaves no count behind.
+        if not self.hub.admits(self.address):
+            self.ctx.metrics.count("websocket_refused_per_address")
+            self.set_header("Retry-After", str(RETRY_AFTER))
+            self._refuse(429, "too_many_connections",
+                         f"at most {settings.ws_max_per_address} live sockets per client address; close one")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {"code": code, "message": message,
+                                          "request_id": self._headers.get("X-Request-ID")}}))
 
     def get_compression_options(self):
         return None
@@ -58,7 +82,7 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         sock = getattr(getattr(self.ws_connection, "stream", None), "socket", None)
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        self.client = self.hub.join(self)
+        self.client = self.hub.join(self, self.address)
         self.ctx.deps["sockets"].add(self)
 
     # Connection protocol used by the hub
@@ -77,6 +101,11 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         self.client.send(json.dumps(frame))
 
     async def on_message(self, message):
+        if self.client is None or self.client.closed:
+            return  # being closed (too fast, too slow): what it still sends is not read
+        if not self.budget.take():
+            self._flooding()
+            return
         try:
             msg = parse_message(message)
         except ChannelError as exc:
@@ -88,22 +117,50 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         elif op == "subscribe":
             await self._subscribe(msg["channel"], msg.get("after"))
         else:
-            self.hub.unsubscribe(self.client, msg["channel"])
-            self.client.send(json.dumps({"type": "unsubscribed", "channel": msg["channel"]}))
+            self._unsubscribe(msg["channel"])
+
+    def _flooding(self) -> None:
+        self.ctx.metrics.count("websocket_rate_limited")
+        self.hub.leave(self.client)  # its subscriptions end now, not after the close handshake
+        self.close(POLICY_VIOLATION, f"more than {MessageBudget.RATE:g} messages per second")
+
+    def _unsubscribe(self, channel: str) -> None:
+        try:
+            check_known(channel)  # nothing is looked up, let alone kept, for a name that is no channel
+        except ChannelError as exc:
+            self.error(exc.code, exc.message, channel)
+            return
+        self.hub.unsubscribe(self.client, channel)
+        self.client.send(json.dumps({"type": "unsubscribed", "channel": channel}))
+
+    def _end_private(self) -> None:
+        """The private subscriptions end, each acknowledged (the client did not ask: it is told)."""
+        for channel in [c for c in self.client.subs if private(c)]:
+            self.hub.unsubscribe(self.client, channel)
+            self.client.send(json.dumps({"type": "unsubscribed", "channel": channel}))
+
+    def _sign_out(self) -> None:
+        self.client.principal = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._end_private()
 
     async def _auth(self, token: str) -> None:
         try:
             principal = await self.ctx.verifier.verify(bearer("Bearer " + token) or "")
         except errors.DomainError as exc:
-            self.error(exc.code if exc.code in ("token_expired", "invalid_token") else "invalid_token",
-                       exc.message)
+            # whoever it was before, the socket is anonymous now: a failed auth never leaves an identity
+            self._sign_out()
+            if isinstance(exc, errors.Unavailable):  # the keys could not be loaded: the token may be fine
+                self.error("unavailable", f"tokens cannot be checked now ({exc.message}); try again shortly")
+            else:
+                self.error(exc.code if exc.code in ("token_expired", "invalid_token") else "invalid_token",
+                           exc.message)
             return
         previous = self.client.principal
         if previous is not None and (previous.sub, previous.role) != (principal.sub, principal.role):
-            # someone else now: the private subscriptions were cut for the previous user
-            for channel in [c for c in self.client.subs if private(c)]:
-                self.hub.unsubscribe(self.client, channel)
-                self.client.send(json.dumps({"type": "unsubscribed", "channel": channel}))
+            self._end_private()  # someone else now: the private subscriptions were cut for the previous user
         self.client.principal = principal
         if self._expiry is not None:
             self._expiry.cancel()

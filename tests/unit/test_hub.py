@@ -74,11 +74,11 @@ class Conn:
 class Shop:
     """A hub over three streams; ``commit`` appends to a service log and the follower publishes it."""
 
-    def __init__(self, buffer: int = 5000):
+    def __init__(self, buffer: int = 5000, max_per_address: int = 0):
         self.logs = {name: ServiceLog() for name in ("catalog", "inventory", "orders")}
         self.streams = {name: Stream(name, log, buffer) for name, log in self.logs.items()}
         self.snapshots: list[str] = []
-        self.hub = Hub(self.streams, self.snapshot)
+        self.hub = Hub(self.streams, self.snapshot, max_per_address=max_per_address)
 
     async def snapshot(self, channel, sub, principal):
         self.snapshots.append(channel)
@@ -364,6 +364,158 @@ async def test_unsubscribe_leave_and_token_expiry_stop_delivery():
     await until(lambda: 3 in other.events())
     assert conn.events() == [1]
     assert 3 not in gone.events()
+
+
+# -- what a client may cost -----------------------------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_unsubscribing_what_was_never_joined_leaves_nothing_behind():
+    shop = Shop()
+    conn, client = await shop.client("inventory")
+    await until(lambda: conn.types() == ["subscribed", "snapshot"])
+    for i in range(1000):
+        shop.hub.unsubscribe(client, f"junk-{i}")  # a name no channel has
+    shop.hub.unsubscribe(client, "books")          # a channel this client never joined
+    assert set(shop.hub._by_channel) == {"inventory"}
+    assert set(client.subs) == {"inventory"}
+    shop.hub.unsubscribe(client, "inventory")
+    assert shop.hub._by_channel == {} and client.subs == {}
+    shop.commit("inventory", event(1))
+    await asyncio.sleep(0)
+    assert conn.types() == ["subscribed", "snapshot"]
+
+
+@pytest.mark.gen_test
+async def test_a_channel_nobody_reads_any_more_leaves_no_entry_whichever_way_its_last_reader_went():
+    shop = Shop()
+    left, leaving = await shop.client("books")
+    stayed, staying = await shop.client("books")
+    await shop.hub.subscribe(staying, "orders", Filter(), None)
+    await shop.hub.subscribe(staying, "orders:mine", ANN, None)
+    await until(lambda: len(left.frames) == 2 and len(stayed.frames) == 6)
+    shop.hub.leave(leaving)
+    assert set(shop.hub._by_channel) == {"books", "orders", "orders:mine"}
+    shop.hub.end_private(staying)  # the token expired
+    assert set(shop.hub._by_channel) == {"books"}
+    shop.hub.leave(staying)
+    shop.hub.leave(staying)  # twice (a socket closed for its rate, then its on_close): harmless
+    assert shop.hub._by_channel == {} and shop.hub.clients == set()
+
+
+def test_sockets_are_counted_per_client_address_and_the_count_is_freed_when_they_go():
+    hub = Shop(max_per_address=2).hub
+    ann = [hub.join(Conn(), "203.0.113.7"), hub.join(Conn(), "203.0.113.7")]
+    bob = hub.join(Conn(), "203.0.113.8")
+    assert not hub.admits("203.0.113.7")
+    assert hub.admits("203.0.113.8") and hub.admits("198.51.100.1")
+    hub.leave(ann[0])
+    hub.leave(ann[0])  # counted once however often it leaves
+    assert hub.admits("203.0.113.7") and hub.sockets_from("203.0.113.7") == 1
+    hub.leave(ann[1])
+    hub.leave(bob)
+    assert hub.sockets_from("203.0.113.7") == 0
+    assert hub._per_address == {}  # an address without sockets costs nothing
+
+
+def test_a_limit_of_zero_admits_any_number_of_sockets_from_one_address():
+    hub = Shop(max_per_address=0).hub
+    for _ in range(5000):
+        hub.join(Conn(), "203.0.113.7")
+    assert hub.admits("203.0.113.7")
+
+
+@pytest.mark.gen_test
+async def test_concurrent_subscribes_needing_one_snapshot_share_one_read():
+    shop = Shop()
+    shop.commit("inventory", *(event(s) for s in range(1, 6)))
+    log = shop.logs["inventory"]
+    log.gate.clear()  # the service is slow: subscribes pile up while the first snapshot is read
+    conns = [Conn() for _ in range(300)]
+    subscribing = [asyncio.ensure_future(shop.client("inventory", conn=c)) for c in conns]
+    await until(lambda: log.reads)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert shop.snapshots == ["inventory"] and len(log.reads) == 1
+    log.gate.set()
+    await asyncio.gather(*subscribing)
+    shop.commit("inventory", event(6))
+    await until(lambda: all(6 in c.events() for c in conns))
+    for conn in conns:
+        assert conn.types() == ["subscribed", "snapshot", "event"] and conn.frames[1]["seq"] == 5
+    await shop.client("inventory")  # once it landed, a later subscribe reads afresh (no stale snapshot)
+    assert shop.snapshots == ["inventory", "inventory"]
+
+
+@pytest.mark.gen_test
+async def test_snapshots_are_shared_only_between_subscribers_of_the_same_view():
+    shop = Shop()
+    log = shop.logs["orders"]
+    log.gate.clear()
+    subscribing = [asyncio.ensure_future(shop.client("orders:mine", filter_=f)) for f in (ANN, BOB, ANN, BOB, ANN)]
+    subscribing.append(asyncio.ensure_future(shop.client("orders")))
+    await until(lambda: len(log.reads) == 3)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert sorted(shop.snapshots) == ["orders", "orders:mine", "orders:mine"]  # ann's, bob's and every order
+    log.gate.set()
+    conns = [conn for conn, _ in await asyncio.gather(*subscribing)]
+    await until(lambda: all(c.types() == ["subscribed", "snapshot"] for c in conns))
+
+
+@pytest.mark.gen_test
+async def test_a_resubscribe_while_its_snapshot_is_read_starts_no_second_read():
+    shop = Shop()
+    log = shop.logs["inventory"]
+    log.gate.clear()
+    conn = Conn()
+    client = shop.hub.join(conn)
+    subscribing = [asyncio.ensure_future(shop.hub.subscribe(client, "inventory", Filter(), None)) for _ in range(50)]
+    await until(lambda: log.reads)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(log.reads) == 1
+    log.gate.set()
+    await asyncio.gather(*subscribing)
+    await until(lambda: len(conn.frames) >= 2)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert conn.types() == ["subscribed", "snapshot"]  # only the last of them is still wanted
+
+
+@pytest.mark.gen_test
+async def test_a_failed_shared_snapshot_fails_every_subscriber_waiting_on_it_and_is_not_kept():
+    shop = Shop()
+    log = shop.logs["inventory"]
+    log.gate.clear()
+    log.down = True
+    conns = [Conn() for _ in range(20)]
+    subscribing = [asyncio.ensure_future(shop.client("inventory", conn=c)) for c in conns]
+    await until(lambda: log.reads)
+    log.gate.set()
+    results = await asyncio.gather(*subscribing, return_exceptions=True)
+    assert all(isinstance(r, Unavailable) for r in results) and len(log.reads) == 1
+    log.down = False
+    conn, _ = await shop.client("inventory")
+    await until(lambda: conn.types() == ["subscribed", "snapshot"])
+    assert all(c.frames == [] for c in conns)
+
+
+@pytest.mark.gen_test
+async def test_a_flood_of_subscribes_from_the_future_asks_the_service_for_its_head_once():
+    shop = Shop()
+    shop.commit("inventory", *(event(s) for s in range(1, 6)))
+    log = shop.logs["inventory"]
+    log.gate.clear()
+    conns = [Conn() for _ in range(100)]
+    subscribing = [asyncio.ensure_future(shop.client("inventory", after=999 + i, conn=c)) for i, c in enumerate(conns)]
+    await until(lambda: log.reads)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(log.reads) == 1
+    log.gate.set()
+    await asyncio.gather(*subscribing)
+    assert len(log.reads) == 2 and shop.snapshots == ["inventory"]  # the head, then one snapshot for all
+    await until(lambda: all(c.types() == ["subscribed", "snapshot"] for c in conns))
 
 
 class FakeServiceSocket:
