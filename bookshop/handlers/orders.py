@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hashlib
 import hmac
-import json
 import logging
 import re
 
@@ -14,7 +12,7 @@ from bookshop.handlers.catalog import ISBN
 from bookshop.handlers.common import int_arg
 from bookshop.services import cards, errors
 from bookshop.services.catalog import page_limit
-from bookshop.services.checkout import PlaceOrder
+from bookshop.services.checkout import PlaceOrder, request_fingerprint
 from bookshop.services.isbn import normalize_isbn
 from bookshop.services.orders import OrderStatus, merge_lines, price, qualifies_for_promotion
 from bookshop.storage.orders import new_order_id, order_view
@@ -143,8 +141,7 @@ class OrdersHandler(BaseHandler):
             raise errors.InvalidInput("Idempotency-Key header: required, 1 to 128 letters, digits or ._:-",
                                       code="idempotency_key_required", details={"field": "Idempotency-Key"})
         body = self.json_body(NewOrder)
-        fingerprint = hmac.new(self.ctx.settings.service_secret.encode(),
-                               json.dumps(self.json_body(), sort_keys=True).encode(), hashlib.sha256).hexdigest()
+        fingerprint = request_fingerprint(self.json_body(), self.ctx.settings.service_secret)
         idem = self.ctx.deps["idempotency"]
         # a replay is answered before the command is built: it must not depend on the cart as it is now
         # (a confirmed from_cart order has emptied it)
@@ -184,14 +181,14 @@ class OrdersHandler(BaseHandler):
                      for i, line in enumerate(body.items)]
         lines = merge_lines(lines)
         card = body.payment
-        cards.validate_card(card.card_number, card.exp_month, card.exp_year, card.cvc,
-                            datetime.date.today())
+        number = cards.validate_card(card.card_number, card.exp_month, card.exp_year, card.cvc,
+                                     datetime.date.today())
         if body.expected_total_cents is not None and body.expected_total_cents < 0:
             raise errors.InvalidInput("expected_total_cents: must not be negative", code="invalid_field",
                                       details={"field": "expected_total_cents"})
         return PlaceOrder(user_id=user_id, lines=lines, shipping_address=_check_address(body.shipping_address),
-                          card=card.model_dump(), expected_total_cents=body.expected_total_cents,
-                          from_cart=bool(body.from_cart))
+                          card={**card.model_dump(), "card_number": number},
+                          expected_total_cents=body.expected_total_cents, from_cart=bool(body.from_cart))
 
     async def place(self, order_id: str, cmd: PlaceOrder) -> tuple[int, dict]:
         """Run the saga; answer 201 if it ends in time, 202 PENDING if it is still running."""
@@ -297,7 +294,7 @@ class OrderHandler(BaseHandler):
 class CancelHandler(BaseHandler):
     async def post(self, order_id):
         order = await visible_order(self, order_id)
-        doc = await self.ctx.deps["checkout"].cancel_by_request(order)
+        doc = await self.ctx.deps["checkout"].cancel_by_request(order, by=self.principal.sub)
         self.write_json(order_view(doc))
 
 
@@ -305,7 +302,7 @@ class ShipHandler(BaseHandler):
     async def post(self, order_id):
         self.require("staff")
         order = await visible_order(self, order_id)
-        self.write_json(order_view(await self.ctx.deps["checkout"].ship(order)))
+        self.write_json(order_view(await self.ctx.deps["checkout"].ship(order, by=self.principal.sub)))
 
 
 class PaymentsLedgerHandler(BaseHandler):

@@ -50,16 +50,16 @@ class ChargesHandler(BaseHandler):
         if settings.payments_failure_rate and random.random() < settings.payments_failure_rate:
             raise errors.Unavailable("card processor unavailable (injected fault)", retry_after=1)
         card = body.card
-        cards.validate_card(card.card_number, card.exp_month, card.exp_year, card.cvc,
-                            datetime.date.today())
-        if not 0 < body.amount_cents <= 100_000_000 or body.currency != settings.currency:
+        number = cards.validate_card(card.card_number, card.exp_month, card.exp_year, card.cvc,
+                                     datetime.date.today())
+        if not 0 < body.amount_cents <= cards.MAX_CHARGE_CENTS or body.currency != settings.currency:
             raise errors.InvalidInput("amount_cents/currency: invalid amount", code="invalid_field",
                                       details={"field": "amount_cents"})
-        decision = cards.card_decision(card.card_number)
+        decision = cards.card_decision(number)
         status = "charged" if decision == cards.APPROVED else "declined"
         repo = self.ctx.deps["charges"]
         doc, created = await repo.record(body.order_id, body.amount_cents, body.currency,
-                                         cards.last4(card.card_number), status,
+                                         cards.last4(number), status,
                                          None if status == "charged" else decision)
         if doc["status"] == "voided":
             raise errors.Conflict("this order's payment was voided", code="charge_voided")

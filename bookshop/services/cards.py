@@ -7,6 +7,7 @@ its last four digits may be shown, through :func:`last4`.
 from __future__ import annotations
 
 import datetime
+import re
 
 from bookshop.services.errors import InvalidInput
 
@@ -20,6 +21,10 @@ INSUFFICIENT_FUNDS_DECISION = "insufficient_funds"
 MIN_LENGTH = 12
 MAX_LENGTH = 19
 MAX_YEARS_AHEAD = 20
+# the (simulated) processor's limit for one charge; orders refuse a larger total before anything is made
+MAX_CHARGE_CENTS = 100_000_000
+# digit groups separated by single spaces or hyphens (``4242 4242 4242 4242``, ``4242-4242-4242-4242``)
+_GROUPED = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
 
 
 def _ascii_digits(value: object) -> bool:
@@ -39,6 +44,20 @@ def luhn_valid(number: str) -> bool:
                 d -= 9
         total += d
     return total % 10 == 0
+
+
+def normalize_number(number: object) -> str:
+    """The card number as plain digits: single spaces or hyphens between digit groups are dropped.
+
+    Raises InvalidInput (naming ``payment.card_number``, never echoing the number) for anything else:
+    other characters, doubled, leading or trailing separators, or fewer than 12 / more than 19 digits.
+    """
+    if not isinstance(number, str) or _GROUPED.fullmatch(number) is None:
+        raise _invalid("payment.card_number", "must be digits, optionally grouped by single spaces or hyphens")
+    digits = number.replace(" ", "").replace("-", "")
+    if not MIN_LENGTH <= len(digits) <= MAX_LENGTH:
+        raise _invalid("payment.card_number", f"must have {MIN_LENGTH} to {MAX_LENGTH} digits")
+    return digits
 
 
 def card_decision(number: str) -> str:
@@ -63,14 +82,15 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_card(number: str, exp_month: int, exp_year: int, cvc: str, today: datetime.date) -> None:
-    """Raise InvalidInput naming the first bad field; return None when the card may be charged.
+def validate_card(number: str, exp_month: int, exp_year: int, cvc: str, today: datetime.date) -> str:
+    """Raise InvalidInput naming the first bad field; return the card number as plain digits when the card
+    may be charged.
 
-    A card is valid through the last day of its expiry month. ``exp_month`` and ``exp_year`` must be
-    ints (four-digit year); ``cvc`` a string of 3 or 4 digits.
+    The number may be grouped (see :func:`normalize_number`). A card is valid through the last day of its
+    expiry month. ``exp_month`` and ``exp_year`` must be ints (four-digit year); ``cvc`` a string of 3 or 4
+    digits.
     """
-    if not _ascii_digits(number):
-        raise _invalid("payment.card_number", "must be a string of digits")
+    number = normalize_number(number)
     if not luhn_valid(number):
         raise _invalid("payment.card_number", "not a valid card number")
     if not _is_int(exp_month) or not 1 <= exp_month <= 12:
@@ -83,3 +103,4 @@ def validate_card(number: str, exp_month: int, exp_year: int, cvc: str, today: d
         raise _invalid("payment.exp_year", f"more than {MAX_YEARS_AHEAD} years ahead")
     if not _ascii_digits(cvc) or len(cvc) not in (3, 4):
         raise _invalid("payment.cvc", "must be a string of 3 or 4 digits")
+    return number

@@ -13,14 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
+import json
 import logging
 
 from bookshop.services import errors
-from bookshop.services.orders import OrderStatus, PaymentStatus, price, qualifies_for_promotion
+from bookshop.services.orders import (
+    SYSTEM, OrderStatus, PaymentStatus, check_chargeable, price, qualifies_for_promotion,
+)
 
 log = logging.getLogger(__name__)
 
 OPEN = [OrderStatus.PENDING]
+
+
+def request_fingerprint(body: dict, secret: str) -> str:
+    """What an Idempotency-Key remembers of its request: an HMAC of the canonical body with the card reduced
+    to its last four digits and expiry. Nothing derived from the full card number or the CVC goes in, so a
+    retry with another card of the same last four digits and expiry counts as the same request."""
+    reduced = dict(body)
+    card = body.get("payment")
+    if isinstance(card, dict):
+        digits = str(card.get("card_number", "")).replace(" ", "").replace("-", "")
+        reduced["payment"] = {"last4": digits[-4:], "exp_month": card.get("exp_month"),
+                              "exp_year": card.get("exp_year")}
+    canonical = json.dumps(reduced, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(secret.encode(), canonical, hashlib.sha256).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +88,7 @@ class Checkout:
             wants_promotion = qualifies_for_promotion(cmd.lines) and not await self.repo.promotion_claimed(
                 cmd.user_id)
             priced = price(cmd.lines, books, self.currency, wants_promotion)
+            check_chargeable(priced)
             if cmd.expected_total_cents is not None and cmd.expected_total_cents != priced.total_cents:
                 raise errors.Conflict("the price changed", code="price_changed",
                                       details={"total_cents": priced.total_cents})
@@ -80,7 +100,8 @@ class Checkout:
                 "currency": priced.currency, "promotion_applied": priced.promotion_applied,
                 "shipping_address": cmd.shipping_address,
                 "payment": {"status": PaymentStatus.NONE.value, "last4": cmd.card["card_number"][-4:]},
-                "history": [{"status": OrderStatus.PENDING.value, "at": now}], "created_at": now,
+                "history": [{"status": OrderStatus.PENDING.value, "at": now, "by": cmd.user_id}],
+                "created_at": now,
                 "from_cart": cmd.from_cart, "open": True, "todo": [],
                 "saga_lease": now + _seconds(self.lease),
             }
@@ -145,7 +166,7 @@ class Checkout:
             raise errors.OutOfStock("the stock reservation expired", details={"order_id": order_id, "items": []})
         doc = await self.repo.transition(order_id, OPEN, OrderStatus.CONFIRMED,
                                          set_fields={"payment.status": PaymentStatus.CHARGED.value},
-                                         clear_cart=order.get("from_cart", False))
+                                         clear_cart=order.get("from_cart", False), by=SYSTEM)
         if doc is None:
             # cancelled meanwhile (by its customer or staff): that cancel owes the refund and stock
             doc = await self.repo.get(order_id)
@@ -156,10 +177,13 @@ class Checkout:
 
     # -- cancelling and compensating --------------------------------------------------------------------
     async def cancel(self, order: dict, reason: str, todo: list[str],
-                     payment_status: PaymentStatus | None = None, from_status=None) -> dict | None:
+                     payment_status: PaymentStatus | None = None, from_status=None, by: str = SYSTEM) -> dict | None:
+        if payment_status is None and "payment" in todo:
+            # a charge exists or may exist: the order shows it is owed back until the processor confirms
+            payment_status = PaymentStatus.REFUND_PENDING
         fields = {"payment.status": payment_status.value} if payment_status else None
         doc = await self.repo.transition(order["_id"], from_status or OPEN, OrderStatus.CANCELLED, reason=reason,
-                                         set_fields=fields, todo=todo, release_promotion=True)
+                                         set_fields=fields, todo=todo, release_promotion=True, by=by)
         self.kick()
         if doc is not None:
             doc = await self.compensate(doc)
@@ -172,38 +196,42 @@ class Checkout:
             try:
                 if item == "payment":
                     result = await self.payments.refund(order_id)
-                    status = doc["payment"]["status"]
                     if result.get("refunded"):
-                        status = PaymentStatus.REFUNDED.value
-                    elif status == PaymentStatus.CHARGED.value:
-                        status = PaymentStatus.NONE.value
-                    doc = await self.repo.done_todo(order_id, item, {"payment.status": status}) or doc
+                        status = PaymentStatus.REFUNDED
+                    elif result.get("status") == "declined":
+                        status = PaymentStatus.DECLINED
+                    else:  # voided: nothing was taken, and a late charge is refused
+                        status = PaymentStatus.NONE
+                    doc = await self.repo.done_todo(order_id, item, {"payment.status": status.value}) or doc
                 elif item == "stock":
-                    result = await self.inventory.release(order_id)
-                    if result.get("state") == "committed":
-                        await self.inventory.put_back(order_id)
+                    await self._give_stock_back(order_id)
                     doc = await self.repo.done_todo(order_id, item) or doc
             except errors.Conflict as exc:
-                if exc.code == "reservation_not_held" and item == "stock":
-                    state = (exc.details or {}).get("state")
-                    if state == "committed":
-                        await self.inventory.put_back(order_id)
-                    doc = await self.repo.done_todo(order_id, item) or doc
-                else:
-                    log.warning("order %s: compensation %s refused: %s", order_id, item, exc.code)
+                log.warning("order %s: compensation %s refused: %s", order_id, item, exc.code)
             except errors.Unavailable:
                 log.warning("order %s: compensation %s postponed (upstream unavailable)", order_id, item)
         self.kick()
         return doc
 
-    async def cancel_by_request(self, order: dict) -> dict:
+    async def _give_stock_back(self, order_id: str) -> None:
+        """Release the order's reservation, or put its stock back on the shelf if it was committed."""
+        try:
+            state = (await self.inventory.release(order_id)).get("state")
+        except errors.Conflict as exc:
+            if exc.code != "reservation_not_held":
+                raise
+            state = (exc.details or {}).get("state")
+        if state == "committed":
+            await self.inventory.put_back(order_id)
+
+    async def cancel_by_request(self, order: dict, by: str = SYSTEM) -> dict:
         """A customer or staff cancel: before shipping only; refund and restock."""
         status = OrderStatus(order["status"])
         if status not in (OrderStatus.PENDING, OrderStatus.CONFIRMED):
             raise errors.Conflict(f"an order that is {status.value} cannot be cancelled",
                                   code="invalid_status_transition", details={"status": status.value})
         doc = await self.cancel(order, "cancelled_by_request", todo=["payment", "stock"],
-                                from_status=[OrderStatus.PENDING, OrderStatus.CONFIRMED])
+                                from_status=[OrderStatus.PENDING, OrderStatus.CONFIRMED], by=by)
         if doc is None:
             current = await self.repo.get(order["_id"])
             raise errors.Conflict(f"an order that is {current['status']} cannot be cancelled",
@@ -211,8 +239,8 @@ class Checkout:
         self._count("orders_cancelled")
         return doc
 
-    async def ship(self, order: dict) -> dict:
-        doc = await self.repo.transition(order["_id"], [OrderStatus.CONFIRMED], OrderStatus.SHIPPED)
+    async def ship(self, order: dict, by: str = SYSTEM) -> dict:
+        doc = await self.repo.transition(order["_id"], [OrderStatus.CONFIRMED], OrderStatus.SHIPPED, by=by)
         if doc is None:
             raise errors.Conflict(f"only a CONFIRMED order can be shipped (this one is {order['status']})",
                                   code="invalid_status_transition", details={"status": order["status"]})

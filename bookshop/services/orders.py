@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from bookshop.services.cards import MAX_CHARGE_CENTS
 from bookshop.services.errors import Conflict, InvalidInput
 
 MAX_COPIES_PER_LINE = 100
@@ -22,7 +23,12 @@ class PaymentStatus(str, enum.Enum):
     NONE = "none"
     CHARGED = "charged"
     DECLINED = "declined"
+    # cancelled while a charge exists or may exist, and the processor has not yet confirmed its refund or void
+    REFUND_PENDING = "refund_pending"
     REFUNDED = "refunded"
+
+
+SYSTEM = "system"  # who acted, in history entries, for the saga and recovery
 
 
 TRANSITIONS = {
@@ -108,6 +114,13 @@ def price(lines: list[tuple[str, int]], books: dict[str, dict], currency: str, w
     subtotal = sum(line.unit_price_cents * line.quantity for line in priced)
     discount = promotion_discount(priced) if with_promotion else 0
     return Price(tuple(priced), subtotal, discount, currency)
+
+
+def check_chargeable(priced: Price) -> None:
+    """An order the processor could not charge in one go is refused as the customer sent it (its items)."""
+    if priced.total_cents > MAX_CHARGE_CENTS:
+        raise InvalidInput(f"items: the order total would exceed {MAX_CHARGE_CENTS} cents, the most one "
+                           "payment can take", code="invalid_field", details={"field": "items"})
 
 
 def qualifies_for_promotion(lines: list[tuple[str, int]]) -> bool:

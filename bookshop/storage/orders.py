@@ -99,11 +99,12 @@ class OrderRepo:
 
     async def transition(self, order_id: str, from_status: list[OrderStatus], to: OrderStatus, *,
                          reason: str | None = None, set_fields: dict | None = None, todo: list[str] | None = None,
-                         release_promotion: bool = False, clear_cart: bool = False) -> dict | None:
+                         release_promotion: bool = False, clear_cart: bool = False,
+                         by: str = "system") -> dict | None:
         """Move an order to ``to`` if it is in ``from_status``, with its order.status_changed event, in one
         transaction. Returns the updated order, or None if it was not in one of those statuses."""
         now = utcnow()
-        entry = {"status": to.value, "at": now}
+        entry = {"status": to.value, "at": now, "by": by}
         if reason:
             entry["reason"] = reason
         fields = {"status": to.value, "updated_at": now, **(set_fields or {})}
@@ -126,7 +127,7 @@ class OrderRepo:
             if release_promotion and doc.get("promotion_applied"):
                 await self.promotions.delete_one({"_id": doc["user_id"], "order_id": order_id}, session=session)
             if clear_cart:
-                await self.carts.update_one({"_id": doc["user_id"]}, {"$set": {"items": []}}, session=session)
+                await self.carts.update_one({"_id": doc["user_id"]}, without_lines(doc["items"]), session=session)
             return doc
         return await self.database.transaction(work)
 
@@ -159,6 +160,16 @@ class OrderRepo:
 
     async def recent(self, user_id: str | None, limit: int) -> list[dict]:
         return await self.page(user_id, None, None, limit)
+
+
+def without_lines(lines: list[dict]) -> list[dict]:
+    """A pipeline update taking an order's lines (their quantities) out of a cart; lines the customer added or
+    raised meanwhile keep what was not ordered."""
+    ordered = {"$switch": {"branches": [{"case": {"$eq": ["$$line.isbn", {"$literal": line["isbn"]}]},
+                                         "then": line["quantity"]} for line in lines], "default": 0}}
+    left = {"$map": {"input": {"$ifNull": ["$items", []]}, "as": "line",
+                     "in": {"isbn": "$$line.isbn", "quantity": {"$subtract": ["$$line.quantity", ordered]}}}}
+    return [{"$set": {"items": {"$filter": {"input": left, "as": "line", "cond": {"$gt": ["$$line.quantity", 0]}}}}}]
 
 
 class CartRepo:

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import uuid
 
 import aiohttp
 import pytest
+from motor.motor_asyncio import AsyncIOMotorClient
 
 from client import ADDRESS, CARD, Api, fresh_isbn
 
@@ -458,3 +462,96 @@ async def test_twenty_concurrent_requests_with_one_key_make_one_order(shop):
         assert len(await ledger(staff, order_id)) == 1
         assert await levels(api, isbn) == (8, 0, 8)
         assert [o["id"] for o in (await customer.get("/orders")).body["items"]] == [order_id]
+
+
+# -- hardening (issue 10) --------------------------------------------------------------------------------------------
+SAME_LAST4 = "4000020000004242"  # Luhn-valid, same last four digits as the test card, another number
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_retry_with_another_card_of_the_same_last_four_and_expiry_replays_and_nothing_card_is_stored(shop):
+    async with aiohttp.ClientSession() as session:
+        api, staff, customer = await people(shop, session)
+        isbn = await api.new_book(staff, stock=5)
+        key = "card-" + uuid.uuid4().hex
+        first = await customer.order([(isbn, 1)], key=key)
+        assert first.status == 201, first
+        again = await customer.order([(isbn, 1)], key=key, card={**CARD, "card_number": SAME_LAST4, "cvc": "999"})
+        assert again.status == 201 and again.body == first.body, again
+        grouped = await customer.order([(isbn, 1)], key=key, card={**CARD, "card_number": "4242 4242 4242 4242"})
+        assert grouped.status == 201 and grouped.body["id"] == first.body["id"]
+        r = await customer.order([(isbn, 1)], key=key, card={**CARD, "exp_year": CARD["exp_year"] + 1})
+        assert r.status == 422, r
+        assert await levels(api, isbn) == (4, 0, 4)
+
+        # nothing derived from the full number or the CVC is in the orders database: not the number, not an
+        # HMAC of a body that held it (the old fingerprint)
+        body = order_body([(isbn, 1)])
+        secret = shop.env["BOOKSHOP_SERVICE_SECRET"].encode()
+        old_style = hmac.new(secret, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+        mongo = AsyncIOMotorClient(shop.mongodb_uri, tz_aware=True)
+        try:
+            database = mongo[f"{shop.prefix}_orders"]
+            stored = [doc for name in await database.list_collection_names()
+                      for doc in await database[name].find({}).to_list(None)]
+        finally:
+            mongo.close()
+        dump = repr(stored)
+        assert first.body["id"] in dump
+        assert old_style not in dump and CARD["card_number"] not in dump and SAME_LAST4 not in dump
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_grouped_card_numbers_are_accepted(shop):
+    async with aiohttp.ClientSession() as session:
+        api, staff, customer = await people(shop, session)
+        isbn = await api.new_book(staff, stock=5)
+        for number in ("4242 4242 4242 4242", "4242-4242-4242-4242", "3782 822463 10005"):
+            r = await customer.order([(isbn, 1)], card={**CARD, "card_number": number})
+            assert r.status == 201, (number, r)
+            assert r.body["payment"] == {"status": "charged", "last4": number[-4:]}
+        r = await customer.order([(isbn, 1)], card={**CARD, "card_number": "4000 0000 0000 0002"})
+        assert r.status == 402  # the separators are ignored: still the declined test card
+        for number in ("4242  4242 4242 4242", "4242--4242-4242-4242", "4242.4242.4242.4242", " 4242424242424242",
+                       "4242 4242 424"):
+            r = await customer.order([(isbn, 1)], card={**CARD, "card_number": number})
+            assert r.status == 400 and r.body["error"]["details"]["field"] == "payment.card_number", (number, r)
+            assert number.strip() not in str(r.body)
+        assert await levels(api, isbn) == (2, 0, 2)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_order_above_the_processors_limit_is_400_naming_items_and_makes_nothing(shop):
+    async with aiohttp.ClientSession() as session:
+        api, staff, customer = await people(shop, session)
+        dear = await api.new_book(staff, stock=5, price_cents=60_000_000)
+        r = await customer.order([(dear, 2)])
+        assert r.status == 400, r
+        assert r.body["error"]["code"] == "invalid_field" and r.body["error"]["details"]["field"] == "items"
+        assert "items" in r.body["error"]["message"] and "amount_cents" not in str(r.body)
+        assert await levels(api, dear) == (5, 0, 5)
+        assert (await customer.get("/orders")).body["items"] == []
+        r = await customer.order([(dear, 1)])
+        assert r.status == 201 and r.body["total_cents"] == 60_000_000
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_history_entries_record_who_acted(shop):
+    async with aiohttp.ClientSession() as session:
+        api, staff, customer = await people(shop, session)
+        me, staff_me = (await customer.get("/users/me")).body, (await staff.get("/users/me")).body
+        isbn = await api.new_book(staff, stock=5)
+        order = (await customer.order([(isbn, 1)])).body
+        assert [(h["status"], h["by"]) for h in order["history"]] == [("PENDING", me["id"]), ("CONFIRMED", "system")]
+        shipped = (await staff.post(f"/orders/{order['id']}/ship")).body
+        assert shipped["history"][-1] == {**shipped["history"][-1], "status": "SHIPPED", "by": staff_me["id"]}
+        other = (await customer.order([(isbn, 1)])).body
+        cancelled = (await staff.post(f"/orders/{other['id']}/cancel")).body
+        assert cancelled["history"][-1]["by"] == staff_me["id"]
+        mine = (await customer.order([(isbn, 1)])).body
+        cancelled = (await customer.post(f"/orders/{mine['id']}/cancel")).body
+        assert cancelled["history"][-1]["by"] == me["id"]
+        r = await customer.order([(isbn, 5)])
+        assert r.status == 409
+        lost = (await customer.get(f"/orders/{r.body['error']['details']['order_id']}")).body
+        assert [h["by"] for h in lost["history"]] == [me["id"], "system"]

@@ -61,11 +61,11 @@ class FakeRepo:
         return True
 
     async def transition(self, order_id, from_status, to, *, reason=None, set_fields=None, todo=None,
-                         release_promotion=False, clear_cart=False):
+                         release_promotion=False, clear_cart=False, by="system"):
         doc = self.orders.get(order_id)
         if doc is None or doc["status"] not in [s.value for s in from_status]:
             return None
-        entry = {"status": to.value, "at": self.clock()}
+        entry = {"status": to.value, "at": self.clock(), "by": by}
         if reason:
             entry["reason"] = reason
         doc["status"] = to.value
@@ -667,3 +667,75 @@ async def test_stopping_recovery_cancels_what_still_runs():
     await asyncio.sleep(0)
     assert w.checkout._recovering == {}
     assert w.stored(order["_id"])["status"] == "PENDING"  # left for whoever takes its lease next
+
+
+# -- hardening (issue 10) ------------------------------------------------------------------------------------------
+@pytest.mark.gen_test
+async def test_an_order_above_the_processors_limit_is_refused_naming_items_before_anything_is_made():
+    w = World(books={A: {"isbn": A, "title": "Folio", "price_cents": 60_000_000, "currency": "EUR"}})
+    with pytest.raises(errors.InvalidInput) as info:
+        await w.checkout.create(w.new_id(), w.command([(A, 2)]))
+    assert info.value.code == "invalid_field" and info.value.details == {"field": "items"}
+    assert "items" in info.value.message
+    assert w.repo.orders == {} and w.repo.promotions == {} and w.inventory.calls == [] and w.payments.charges == {}
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))  # 60,000,000 is still chargeable
+    assert order["total_cents"] == 60_000_000
+
+
+@pytest.mark.gen_test
+async def test_a_cancel_whose_refund_must_wait_shows_refund_pending_never_charged():
+    w = World()
+    order = await w.place([(A, 2)])
+    w.payments.down = {"refund"}
+    doc = await w.checkout.cancel_by_request(order, by="u1")
+    assert doc["status"] == "CANCELLED"
+    assert doc["payment"]["status"] == "refund_pending" and doc["todo"] == ["payment"]
+    assert w.stored(order["_id"])["payment"]["status"] == "refund_pending"
+    assert w.inventory.levels(A) == (10, 0)
+    w.payments.down = set()
+    w.clock.advance(LEASE + 1)
+    await w.checkout.recover()
+    doc = w.stored(order["_id"])
+    assert doc["payment"]["status"] == "refunded" and doc["todo"] == [] and doc["open"] is False
+
+
+@pytest.mark.gen_test
+async def test_a_cancel_before_the_charge_is_refund_pending_until_the_void_then_none():
+    w = World()
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    w.payments.down = {"refund"}
+    doc = await w.checkout.cancel_by_request(order, by="u1")
+    assert doc["payment"]["status"] == "refund_pending"  # a charge may be on its way
+    w.payments.down = set()
+    doc = await w.checkout.compensate(doc)
+    assert doc["payment"]["status"] == "none" and w.payments.charges[order["_id"]]["status"] == "voided"
+
+
+@pytest.mark.gen_test
+async def test_a_failing_put_back_leaves_the_stock_owed_but_the_cancel_succeeds():
+    w = World()
+    order = await w.place([(A, 2)])
+    w.inventory.down = {"put_back"}  # release answers "committed", then putting it back fails
+    doc = await w.checkout.cancel_by_request(order, by="u1")
+    assert doc["status"] == "CANCELLED" and doc["payment"]["status"] == "refunded"
+    assert doc["todo"] == ["stock"] and doc["open"] is True
+    w.inventory.down = set()
+    w.clock.advance(LEASE + 1)
+    await w.checkout.recover()
+    assert w.stored(order["_id"])["todo"] == [] and w.inventory.levels(A) == (10, 0)
+
+
+@pytest.mark.gen_test
+async def test_history_entries_record_who_acted():
+    w = World()
+    order = await w.place([(A, 1)], user="u1")
+    assert [(h["status"], h["by"]) for h in order["history"]] == [("PENDING", "u1"), ("CONFIRMED", "system")]
+    shipped = await w.checkout.ship(order, by="staff-7")
+    assert shipped["history"][-1]["by"] == "staff-7"
+    other = await w.place([(A, 1)], user="u2")
+    cancelled = await w.checkout.cancel_by_request(other, by="staff-7")
+    assert [h["by"] for h in cancelled["history"]] == ["u2", "system", "staff-7"]
+    w.inventory.on_hand[B] = 0
+    with pytest.raises(errors.OutOfStock) as info:
+        await w.place([(B, 1)], user="u3")
+    assert [h["by"] for h in w.stored(info.value.details["order_id"])["history"]] == ["u3", "system"]

@@ -3,8 +3,8 @@ import pytest
 
 from bookshop.services.errors import Conflict, InvalidInput
 from bookshop.services.orders import (
-    MAX_COPIES_PER_LINE, MAX_LINES, TRANSITIONS, OrderStatus, PricedLine, check_transition, merge_lines,
-    price, promotion_discount, qualifies_for_promotion,
+    MAX_COPIES_PER_LINE, MAX_LINES, TRANSITIONS, OrderStatus, PricedLine, check_chargeable, check_transition,
+    merge_lines, price, promotion_discount, qualifies_for_promotion,
 )
 
 A, B, C = "9780000000001", "9780000000002", "9780000000003"
@@ -131,3 +131,13 @@ def test_check_transition_table(current, target):
 
 def test_the_transition_table_is_the_contracts():
     assert {(a, b) for a, targets in TRANSITIONS.items() for b in targets} == ALLOWED
+
+
+def test_a_total_above_the_processors_limit_is_invalid_items():
+    books = {A: {**BOOKS[A], "price_cents": 50_000_000}, B: {**BOOKS[B], "price_cents": 1}}
+    check_chargeable(price([(A, 2)], books, "EUR", with_promotion=False))  # exactly the limit: fine
+    with pytest.raises(InvalidInput) as info:
+        check_chargeable(price([(A, 2), (B, 1)], books, "EUR", with_promotion=False))
+    assert info.value.code == "invalid_field" and info.value.details == {"field": "items"}
+    # the limit applies to what would be charged, after the promotion
+    check_chargeable(price([(A, 2), (B, 1)], books, "EUR", with_promotion=True))
