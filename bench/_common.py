@@ -388,6 +388,28 @@ class Shop:
     def pid(self, service: str) -> int:
         return expect(call("GET", self.url(service) + "/healthz"), 200)["pid"]
 
+    def processes(self) -> dict[str, int]:
+        """Every process of the shop by name: its services and its database(s)."""
+        out = {name: self.pid(name) for name in self.procs}
+        out.update({db.name: db.pid for db in self.databases()})
+        return out
+
+    def databases(self) -> list["DatabaseServer"]:
+        """The database server(s) the shop writes to: here the one the bench started for it."""
+        return [DatabaseServer("db", self.mongodb_uri, self.bench.db_pid)]
+
+    def kill(self, service: str) -> int:
+        """SIGKILL a service; returns the pid it had."""
+        pid = self.pid(service)
+        self.procs[service].kill()
+        self.procs[service].wait()
+        return pid
+
+    def restart_killed(self, service: str, old_pid: int, timeout: float = 60.0) -> float:
+        """Start a killed service again; returns when it answered /readyz (time.monotonic())."""
+        self.start(service)
+        return time.monotonic()
+
     def stop(self, *services: str) -> None:
         """SIGTERM the services (all by default) and wait for them: profiles are written on the way out."""
         names = services or list(self.procs)
@@ -432,6 +454,152 @@ class Shop:
 
     def levels(self, isbn: str) -> dict:
         return expect(call("GET", self.url("inventory") + f"/api/v1/inventory/{isbn}"), 200)
+
+
+class RunPy(Shop):
+    """The all-in-one mode, as a user starts it: ``python run.py`` in a data directory of the run's own, on
+    seven consecutive free ports from BOOKSHOP_PORT_BASE. run.py starts the embedded database(s) and forks the
+    services; the bench finds the database servers among run.py's descendants (``find_databases``), however
+    many there are, and reads the services' pids from their /healthz."""
+
+    def __init__(self, bench: Bench, demo_data: bool = True, env: dict | None = None):
+        super().__init__(bench, "", demo_data=demo_data)
+        base = free_port_block(len(SERVICES))
+        self.ports = {name: base + offset for name, offset in SERVICES.items()}
+        for name in SERVICES:
+            self.env.pop(f"BOOKSHOP_{name.upper()}_URL", None)  # run.py derives them from the port base
+        self.env.pop("MONGODB_URI")
+        self.env.update({"BOOKSHOP_PORT_BASE": str(base), "BOOKSHOP_DATA_DIR": bench.path("data"),
+                         "BOOKSHOP_ALLOWED_ORIGINS": self.origin})
+        self.env.update(env or {})
+        self.proc: subprocess.Popen | None = None
+        self._databases: list[DatabaseServer] | None = None
+
+    def start(self, *services: str) -> "RunPy":
+        if services and set(services) != set(SERVICES):
+            raise ValueError("run.py starts every service")
+        self.proc = spawn([sys.executable, RUN_PY], env=self.env, log_path=self.bench.path("run.log"))
+        for name in SERVICES:
+            wait_http(self.url(name) + "/readyz", timeout=90, proc=self.proc, what=f"run.py's {name}")
+        return self
+
+    def processes(self) -> dict[str, int]:
+        out = {"run.py": self.proc.pid, **{name: self.pid(name) for name in SERVICES}}
+        out.update({db.name: db.pid for db in self.databases()})
+        return out
+
+    def databases(self) -> list["DatabaseServer"]:
+        if self._databases is None:
+            services = {self.pid(name) for name in SERVICES}
+            self._databases = find_databases(self.proc.pid, exclude=services)
+            if not self._databases:
+                raise RuntimeError(f"no database server among run.py's processes (see {self.bench.path('run.log')})")
+        return self._databases
+
+    def kill(self, service: str) -> int:
+        pid = self.pid(service)
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def restart_killed(self, service: str, old_pid: int, timeout: float = 60.0) -> float:
+        """run.py restarts a service that died: wait until a new process of it answers /readyz."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"run.py exited with code {self.proc.returncode}")
+            try:
+                status, body = call("GET", self.url(service) + "/healthz", timeout=0.5)
+                if status == 200 and body["pid"] != old_pid \
+                        and call("GET", self.url(service) + "/readyz", timeout=0.5)[0] == 200:
+                    return time.monotonic()
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"run.py did not bring {service} back within {timeout:.0f}s")
+            time.sleep(0.02)
+
+    def stop(self, *services: str) -> None:
+        if services and set(services) != set(SERVICES):
+            raise ValueError("run.py stops every service")
+        if self.proc is not None:
+            stop_process(self.proc, timeout=20.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseServer:
+    name: str  # "db", or "db:PORT" when there are several
+    uri: str
+    pid: int
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children[parent].append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def listening_ports(pid: int) -> list[int]:
+    """The TCP ports a process listens on (from its socket fds and /proc/net/tcp*)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return []
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(set(ports))
+
+
+def find_databases(root_pid: int, exclude: Iterable[int] = ()) -> list[DatabaseServer]:
+    """The MongoDB wire-protocol servers among ``root_pid``'s descendants: each process (not in ``exclude``)
+    listening on a port whose ``serverStatus`` names that very process."""
+    import pymongo
+    found = []
+    skip = set(exclude)
+    for pid in descendants(root_pid):
+        if pid in skip:
+            continue
+        for port in listening_ports(pid):
+            uri = f"mongodb://{HOST}:{port}/?directConnection=true"
+            client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=1000, connectTimeoutMS=1000)
+            try:
+                if int(client.admin.command("serverStatus").get("pid", -1)) == pid:
+                    found.append((pid, port, uri))
+            except Exception:  # noqa: BLE001 - not a database: some other listener
+                pass
+            finally:
+                client.close()
+    several = len(found) > 1
+    return [DatabaseServer(f"db:{port}" if several else "db", uri, pid) for pid, port, uri in found]
 
 
 CUSTOMER_PASSWORD = "customer-password"
@@ -611,6 +779,70 @@ def op_delta(before: dict, after: dict, idle: dict | None = None, seconds: float
     out["writes"] = out["insert"] + out["update"] + out["delete"]
     out["all"] = sum(out[op] for op in OPS)
     return out
+
+
+@dataclasses.dataclass
+class Usage:
+    """What a stretch of work cost: database ops by kind summed over every database server (``writes`` =
+    insert + update + delete statements, as the servers count them: one per command, a batch insert of n
+    documents is one), the same per server, write commands by collection (the servers' ``top``: insert,
+    update, delete and findAndModify), and CPU seconds by process."""
+    seconds: float
+    ops: dict[str, float]
+    ops_by_server: dict[str, dict[str, float]]
+    writes_by_collection: dict[str, int]
+    cpu: dict[str, float]
+
+    def cpu_of(self, names: Iterable[str]) -> float:
+        return sum(self.cpu.get(name, 0.0) for name in names)
+
+
+class ShopMeter:
+    """Database ops and CPU of every process of a shop, over any number of database servers (gross: the
+    services' background work included; measure it alone on an idle shop)."""
+
+    def __init__(self, databases: list[DatabaseServer], pids: dict[str, int]):
+        import pymongo
+        self.databases = list(databases)
+        self.pids = dict(pids)
+        self.clients = {db.name: pymongo.MongoClient(db.uri, serverSelectionTimeoutMS=5000)
+                        for db in self.databases}
+
+    @property
+    def database_names(self) -> list[str]:
+        return [db.name for db in self.databases]
+
+    def read(self) -> tuple[float, dict, dict, dict]:
+        ops, top = {}, {}
+        for name, client in self.clients.items():
+            try:
+                totals = client.admin.command("top")["totals"]
+            except Exception:  # noqa: BLE001 - a server without ``top``: no breakdown by collection
+                totals = {}
+            for ns, sections in totals.items():
+                if isinstance(sections, dict) and "writeLock" in sections:
+                    top[ns] = top.get(ns, 0) + int(sections["writeLock"]["count"])
+            counters = client.admin.command("serverStatus")["opcounters"]
+            ops[name] = {op: int(counters.get(op, 0)) for op in OPS}
+        return time.monotonic(), ops, top, cpu_snapshot(self.pids)
+
+    def since(self, reading: tuple[float, dict, dict, dict]) -> Usage:
+        started, ops_before, top_before, cpu_before = reading
+        now, ops_after, top_after, cpu_after = self.read()
+        by_server = {}
+        for name in self.clients:
+            delta = {op: ops_after[name][op] - ops_before[name][op] for op in OPS}
+            delta["command"] = max(0, delta["command"] - 2)  # our own top + serverStatus
+            delta["writes"] = delta["insert"] + delta["update"] + delta["delete"]
+            delta["all"] = sum(delta[op] for op in OPS)
+            by_server[name] = delta
+        total = {k: sum(d[k] for d in by_server.values()) for k in (*OPS, "writes", "all")}
+        collections_ = {ns: n - top_before.get(ns, 0) for ns, n in top_after.items() if n - top_before.get(ns, 0) > 0}
+        return Usage(now - started, total, by_server, collections_, cpu_used(cpu_before, cpu_after))
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
 
 
 # -- load from Python ------------------------------------------------------------------------------------------
