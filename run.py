@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.service is not None:
         setup_logging(args.service, settings.log_level)
         from bookshop.app import serve
+        from bookshop.procs import service_title, set_title
+        set_title(service_title(args.service, port))  # what ps shows: bookshop orders :8004
         try:
             asyncio.run(serve(args.service, settings, port))
         except OSError as exc:

@@ -1,9 +1,9 @@
 """The embedded database: SecantusDB (a MongoDB wire-protocol server) run as a child process."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,14 +19,19 @@ class EmbeddedDatabaseError(RuntimeError):
 
 
 def secantusd_command() -> list[str]:
-    exe = shutil.which("secantusd-py")
-    if exe is None:
-        candidate = os.path.join(os.path.dirname(sys.executable), "secantusd-py")
-        if os.path.exists(candidate):
-            exe = candidate
-    if exe is None:
-        raise EmbeddedDatabaseError("secantusd-py not found: pip install -e . installs it (secantusdb)")
-    return [exe]
+    """``secantusd-py``'s command line, run by this interpreter under the name ``bookshop database``."""
+    if importlib.util.find_spec("secantus") is None:
+        raise EmbeddedDatabaseError("SecantusDB is not installed: pip install -e . installs it (secantusdb)")
+    return [sys.executable, "-m", "bookshop.database_process"]
+
+
+def _database_env() -> dict:
+    """This environment, with the directory this ``bookshop`` was imported from first on ``PYTHONPATH``, so
+    that ``-m bookshop.database_process`` finds it wherever the database is started from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 class EmbeddedDatabase:
@@ -55,7 +60,7 @@ class EmbeddedDatabase:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         cmd = secantusd_command() + ["--host", self.host, "--port", str(self.port),
                                      "--storage-path", self.storage_path, "--log-level", "WARNING"]
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=_database_env(),
                                      preexec_fn=die_with_parent(), start_new_session=True)
         if out is not subprocess.DEVNULL:
             out.close()

@@ -19,7 +19,7 @@ import urllib.request
 
 from bookshop import SERVICES
 from bookshop.embedded_db import EmbeddedDatabase, EmbeddedDatabaseError
-from bookshop.procs import die_with_parent
+from bookshop.procs import SUPERVISOR_TITLE, die_with_parent, service_title, set_title
 from bookshop.settings import Settings
 
 log = logging.getLogger("bookshop.supervisor")
@@ -78,11 +78,12 @@ class Child:
         self.restart_at: float | None = None
 
     def start(self) -> None:
+        watch_parent = die_with_parent()  # made here: it checks the child's parent is this process
         pid = os.fork()
         if pid == 0:  # the service process
             code = 1
             try:
-                code = _serve_forked(self.name, self.port, self.env)
+                code = _serve_forked(self.name, self.port, self.env, watch_parent)
             finally:
                 os._exit(code)
         self.pid = pid
@@ -116,13 +117,14 @@ class Child:
         return self.returncode
 
 
-def _serve_forked(name: str, port: int, env: dict) -> int:
+def _serve_forked(name: str, port: int, env: dict, watch_parent) -> int:
     import asyncio
 
     from bookshop.app import serve
     from bookshop.logs import setup_logging
     os.setsid()
-    die_with_parent()()
+    watch_parent()
+    set_title(service_title(name, port))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     os.environ.clear()
@@ -159,6 +161,7 @@ class Supervisor:
 
     def run(self) -> int:
         self.lock.acquire()
+        set_title(SUPERVISOR_TITLE)
         started = time.monotonic()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)

@@ -2,7 +2,8 @@
 
 One SecantusDB (``:memory:``) per test session, or the server at ``MONGODB_URI`` when that is set. A ``Shop``
 starts the seven services exactly as run.py does (``run.py --service NAME --port N``), each its own OS
-process, with a database prefix of its own so shops in one session never share data.
+process, with a database prefix of its own so shops in one session never share data. The services die with
+the test process, however it ends (a parent-death signal, as the supervisor gives its children).
 """
 from __future__ import annotations
 
@@ -15,14 +16,25 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from bookshop import SERVICES
-from bookshop.procs import free_port
+from bookshop.procs import die_with_parent, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(ROOT, "run.py")
 ADMIN_EMAIL = "staff@bookshop.test"
 ADMIN_PASSWORD = "staff-password-1"
+
+# Linux sends the parent-death signal when the thread that started the child ends, and tests start services
+# from short-lived threads too (run_in_executor): every service is started from this one thread, which lives
+# as long as the test process.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-spawner")
+
+
+def spawn(args: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen``, for a child that gets SIGTERM when the test process dies (even by kill -9)."""
+    return _SPAWNER.submit(subprocess.Popen, args, preexec_fn=die_with_parent(), **kwargs).result()
 
 
 def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
@@ -79,7 +91,7 @@ class Shop:
             out = subprocess.DEVNULL
             if self.log_dir:
                 out = open(os.path.join(self.log_dir, f"{self.prefix}-{name}.log"), "ab")
-            self.procs[name] = subprocess.Popen(
+            self.procs[name] = spawn(
                 [sys.executable, RUN_PY, "--service", name, "--port", str(self.ports[name])],
                 env=self.env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=ROOT)
             if out is not subprocess.DEVNULL:

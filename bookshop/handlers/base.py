@@ -63,6 +63,11 @@ def error_body(code: str, message: str, request_id: str | None, details: dict | 
     return {"error": body}
 
 
+def encode_json(data: Any) -> str:
+    """The one way a body is written, errors included: compact JSON."""
+    return json.dumps(data, separators=(",", ":"), default=str)
+
+
 @tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
     """JSON in, JSON out, with the contract's errors, request ids and authentication."""
@@ -175,7 +180,7 @@ class BaseHandler(tornado.web.RequestHandler):
     # -- output -----------------------------------------------------------------------------------------
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
-        self.finish(json.dumps(data, separators=(",", ":"), default=str))
+        self.finish(encode_json(data))
 
     def write_error(self, status_code: int, **kwargs) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -195,7 +200,7 @@ class BaseHandler(tornado.web.RequestHandler):
         else:
             body = error_body(TORNADO_CODES.get(status_code, "internal_error"),
                               "internal error" if status_code == 500 else self._reason, self.request_id)
-        self.finish(json.dumps(body))
+        self.finish(encode_json(body))
 
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, errors.DomainError):
