@@ -20,6 +20,10 @@ setup(
         "prometheus-client>=0.20",
         "tenacity>=8.2",
         "circuitbreaker>=2.0",
+        # tracing: the API everywhere; the SDK and the OTLP/HTTP exporter only when spans are exported
+        "opentelemetry-api>=1.27",
+        "opentelemetry-sdk>=1.27",
+        "opentelemetry-exporter-otlp-proto-http>=1.27",
         "rich>=13",  # loadgen's live progress
         "PyYAML>=6",  # the served API description is read from docs/openapi.yaml
         "setproctitle>=1.3",  # each process says what it is in ps (bookshop orders :8004)

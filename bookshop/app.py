@@ -10,8 +10,9 @@ from typing import Any, Awaitable, Callable
 import tornado.httpserver
 import tornado.web
 
+from bookshop import tracing
 from bookshop.auth import TokenVerifier
-from bookshop.clients.base import Http, ServiceTokens
+from bookshop.clients.base import Http, ServiceTokens, UpstreamStates
 from bookshop.handlers.base import BaseHandler, NotFoundHandler
 from bookshop.handlers import common
 from bookshop.metrics import Metrics
@@ -33,6 +34,7 @@ class ServiceContext:
         self.settings = settings
         self.metrics = Metrics(name)
         self.http = Http()
+        self.metrics.registry.register(UpstreamStates(name, self.http))
         self.db: Database | None = None
         if with_db:
             uri = settings.mongodb_uri or "mongodb://127.0.0.1:27017"
@@ -86,6 +88,7 @@ class ServiceContext:
             problem = await check()
             if problem:
                 problems.append(problem)
+        self.metrics.gauge("ready", 0 if problems else 1)
         return problems
 
     async def start_background(self) -> None:
@@ -153,6 +156,7 @@ async def build(name: str, settings: Settings) -> tuple[ServiceContext, tornado.
 async def serve(name: str, settings: Settings, port: int, ready: Callable[[], None] | None = None) -> None:
     """Run one service until SIGTERM/SIGINT, then shut down gracefully."""
     started = time.monotonic()
+    tracing.setup(name, settings.traces_exporters)
     ctx, app = await build(name, settings)
     server = tornado.httpserver.HTTPServer(app, xheaders=False, max_body_size=64 * 1024 * 1024,
                                            idle_connection_timeout=60)
@@ -181,6 +185,7 @@ async def serve(name: str, settings: Settings, port: int, ready: Callable[[], No
     except asyncio.TimeoutError:
         pass
     await ctx.close()
+    tracing.shutdown()
     log.info("%s stopped", name)
 
 

@@ -48,6 +48,8 @@ class Settings:
     ws_max_per_address: int = 2000
     # peers whose X-Forwarded-For is believed (addresses or CIDR ranges)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # span exporters (OTEL_TRACES_EXPORTER): none unless named, unlike the SDK's default (bookshop/tracing.py)
+    traces_exporters: tuple[str, ...] = ()
 
     def port(self, service: str) -> int:
         return self.port_base + SERVICES[service]
@@ -162,6 +164,8 @@ class Settings:
                     raise SettingsError(f"BOOKSHOP_ALLOWED_ORIGINS: {origin!r} is not an http(s) origin")
             kw["allowed_origins"] = parsed
 
+        kw["traces_exporters"] = traces_exporters(env)
+
         urls = {}
         for service in SERVICES:
             raw = env.get(f"BOOKSHOP_{service.upper()}_URL", "").strip()
@@ -212,6 +216,28 @@ class Settings:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secret)
         return dataclasses.replace(self, service_secret=secret)
+
+
+def traces_exporters(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The span exporters ``OTEL_TRACES_EXPORTER`` names: ``otlp`` (OTLP over HTTP/protobuf), ``console``, both,
+    or none (the default here, and with ``OTEL_SDK_DISABLED=true``)."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return ()
+    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    unknown = [n for n in names if n not in ("otlp", "console")]
+    if unknown:
+        raise SettingsError(f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} is not supported; use otlp, console, "
+                            f"both (otlp,console) or none")
+    if "otlp" in names:
+        for var in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            protocol = env.get(var, "").strip()
+            if protocol:
+                if protocol != "http/protobuf":
+                    raise SettingsError(f"{var}: only http/protobuf is supported, got {protocol!r}")
+                break
+    return tuple(dict.fromkeys(names))
 
 
 def validate_service(name: str) -> str:

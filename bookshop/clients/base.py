@@ -2,8 +2,9 @@
 
 Each process owns one ``aiohttp.ClientSession`` (``Http``). An ``UpstreamClient`` adds what every call to a
 sibling service needs: a timeout, retries with backoff for idempotent calls (tenacity), a circuit breaker per
-upstream (circuitbreaker), the caller's ``X-Request-ID``, a service token, and the mapping of transport
-failures and 5xx answers to ``Unavailable``. Subclasses turn 4xx answers into domain errors.
+upstream (circuitbreaker), the caller's ``X-Request-ID`` and trace (``traceparent``, with a client span per
+attempt), a service token, and the mapping of transport failures and 5xx answers to ``Unavailable``.
+Subclasses turn 4xx answers into domain errors. ``UpstreamStates`` exports the breakers to Prometheus.
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any
+import weakref
+from typing import Any, Iterator
 
 import aiohttp
 import circuitbreaker
 import tenacity
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from bookshop import tracing
 from bookshop.logs import request_id_var
 from bookshop.services.errors import DomainError, Unavailable, UpstreamError
 
@@ -32,6 +36,8 @@ class Http:
             connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300),
             json_serialize=json.dumps,
         )
+        #: the upstream clients made with this session (for their breakers' metrics)
+        self.clients: weakref.WeakSet = weakref.WeakSet()
 
     async def close(self) -> None:
         await self.session.close()
@@ -93,16 +99,22 @@ class ServiceTokens:
                 return self._token
             form = {"grant_type": "client_credentials", "client_id": self._client_id,
                     "client_secret": self._secret}
+            headers = {"X-Request-ID": request_id_var.get() or "service-token"}
+            span, status, error = tracing.start_call("users", "POST", self._url, "/oauth/token"), None, None
+            tracing.inject(headers, span)
             try:
                 async with self._http.session.post(
                         self._url, data=form, timeout=aiohttp.ClientTimeout(total=self._timeout),
-                        headers={"X-Request-ID": request_id_var.get() or "service-token"}) as resp:
+                        headers=headers) as resp:
+                    status = resp.status
                     body = await resp.json(content_type=None)
-                    if resp.status != 200:
-                        raise Unavailable(f"users service refused a service token ({resp.status})",
-                                          retry_after=2)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                error = type(exc).__name__
                 raise Unavailable("users service unreachable for a service token", retry_after=2) from None
+            finally:
+                tracing.end_call(span, status, error)
+            if status != 200:
+                raise Unavailable(f"users service refused a service token ({status})", retry_after=2)
             self._token = body["access_token"]
             # renew a minute early (or halfway for short lives)
             life = float(body.get("expires_in", 60))
@@ -127,12 +139,18 @@ class UpstreamClient:
             failure_threshold=failure_threshold, recovery_timeout=recovery_timeout,
             expected_exception=_Transient, name=f"{self.service}@{self.base_url}")
         self._guarded_send = self.breaker.decorate(self._send)
+        #: calls refused without trying because the breaker was open
+        self.refused = 0
+        http.clients.add(self)
 
     @property
     def is_open(self) -> bool:
         return self.breaker.opened
 
     async def _send(self, method: str, url: str, headers: dict, body: bytes | None, params, timeout) -> Reply:
+        # each attempt is a span of its own
+        span, status, error = tracing.start_call(self.service, method, url, url[len(self.base_url):]), None, None
+        tracing.inject(headers, span)
         try:
             async with self._http.session.request(method, url, data=body, headers=headers, params=params,
                                                   timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -142,11 +160,16 @@ class UpstreamClient:
                 except ValueError:
                     parsed = None
                 reply = Reply(resp.status, parsed, dict(resp.headers))
+                status = resp.status
         except asyncio.TimeoutError:
+            error = "timeout"
             # not retried: a slow upstream is usually a loaded one, and a retry only adds to its load
             raise _Transient(f"{self.service} timed out", retry=False) from None
         except aiohttp.ClientError as exc:
-            raise _Transient(f"{self.service} unreachable: {exc.__class__.__name__}") from None
+            error = exc.__class__.__name__
+            raise _Transient(f"{self.service} unreachable: {error}") from None
+        finally:
+            tracing.end_call(span, status, error)
         if reply.status >= 500 or (reply.status == 200 and raw and parsed is None):
             raise _Transient(f"{self.service} answered {reply.status}", reply)
         return reply
@@ -186,6 +209,7 @@ class UpstreamClient:
                                                          timeout or self._timeout)
                     return reply
         except circuitbreaker.CircuitBreakerError:
+            self.refused += 1
             raise Unavailable(f"{self.service} is unavailable (circuit open)",
                               retry_after=max(1, int(self.breaker.open_remaining) + 1)) from None
         except _Transient as exc:
@@ -200,14 +224,21 @@ class UpstreamClient:
         upstream's answer passed back whatever its status; only an unreachable upstream raises."""
         url = self.base_url + path + (f"?{query}" if query else "")
         sent = {"X-Request-ID": request_id_var.get() or "internal", **headers}
+        span, status, error = tracing.start_call(self.service, method, self.base_url + path, path), None, None
+        tracing.inject(sent, span)
         try:
             async with self._http.session.request(method, url, data=body, headers=sent,
                                                   timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                status = resp.status
                 return RawReply(resp.status, await resp.read(), dict(resp.headers))
         except asyncio.TimeoutError:
+            error = "timeout"
             raise Unavailable(f"{self.service} timed out", retry_after=self.retry_after) from None
-        except aiohttp.ClientError:
+        except aiohttp.ClientError as exc:
+            error = exc.__class__.__name__
             raise Unavailable(f"{self.service} is unavailable", retry_after=self.retry_after) from None
+        finally:
+            tracing.end_call(span, status, error)
 
     @staticmethod
     def raise_for(reply: Reply, default: type[DomainError] = UpstreamError) -> None:
@@ -221,3 +252,35 @@ class UpstreamClient:
                      422: errors.IdempotencyMismatch, 429: errors.RateLimited}
         cls = by_status.get(reply.status, default)
         raise cls(err.get("message"), code=err.get("code"), details=err.get("details"))
+
+
+class UpstreamStates:
+    """A Prometheus collector of a process's circuit breakers, read when scraped: per upstream,
+    ``bookshop_upstream_circuit_open`` (1 while calls are refused without trying; back to 0 once the
+    recovery timeout lets a trial call through) and ``bookshop_upstream_refused_total`` (calls refused so
+    far). Several clients of one upstream (the gateway has two for inventory) add up."""
+
+    def __init__(self, service: str, http: Http):
+        self.service = service
+        self._http = http
+
+    def describe(self) -> list:
+        return []  # checked when scraped, not when registered
+
+    def collect(self) -> Iterator:
+        opened = GaugeMetricFamily("bookshop_upstream_circuit_open",
+                                   "1 while the circuit breaker of calls to an upstream is open",
+                                   labels=["service", "upstream"])
+        refused = CounterMetricFamily("bookshop_upstream_refused",
+                                      "calls to an upstream refused by its open circuit breaker",
+                                      labels=["service", "upstream"])
+        states: dict[str, list] = {}
+        for client in list(self._http.clients):
+            state = states.setdefault(client.service, [0, 0])
+            state[0] = max(state[0], 1 if client.is_open else 0)
+            state[1] += client.refused
+        for upstream, (is_open, count) in sorted(states.items()):
+            opened.add_metric([self.service, upstream], is_open)
+            refused.add_metric([self.service, upstream], count)
+        yield opened
+        yield refused

@@ -1,7 +1,8 @@
 """The base handler every service's handlers derive from.
 
 It owns the HTTP conventions of the contract: the JSON error body for every error (Tornado's own 404/405
-and uncaught exceptions included), ``X-Request-ID`` on every response, the 1 MiB body limit answered with a
+and uncaught exceptions included), ``X-Request-ID`` on every response, the request's server span (its trace
+from the caller's ``traceparent``, or a new one), the 1 MiB body limit answered with a
 JSON 413 (bodies are streamed so the limit is ours, not Tornado's bare 400), strict JSON parsing, token
 decoding in ``prepare()`` and the one mapping from domain errors to HTTP statuses.
 
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import pydantic
 import tornado.web
 
-from bookshop import auth
+from bookshop import auth, tracing
 from bookshop.logs import request_id_var
 from bookshop.services import errors
 from bookshop.storage import is_unavailable
@@ -82,6 +83,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.ctx = ctx
         self.route = route
         self.principal: auth.Principal | None = None
+        self._span = None
         self._chunks: list[bytes] = []
         self._size = 0
         self._too_large = False
@@ -100,12 +102,29 @@ class BaseHandler(tornado.web.RequestHandler):
     def request_id(self) -> str:
         rid = getattr(self, "_request_id", None)
         if rid is None:
-            given = self.request.headers.get("X-Request-ID", "")
-            rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
-            self._request_id = rid
-            self.set_header("X-Request-ID", rid)
-            request_id_var.set(rid)
+            rid = self._begin()
         return rid
+
+    def _begin(self) -> str:
+        """Start the request's span (current from here on: log lines and upstream calls carry its trace) and
+        settle its id: the caller's ``X-Request-ID``, or else the trace id (random like a uuid4, and free)."""
+        request = self.request
+        self._span = span = tracing.start_request(request.headers, request.method, self.route, request.path)
+        given = request.headers.get("X-Request-ID", "")
+        if REQUEST_ID.match(given):
+            rid = given
+        else:
+            trace_id = span.get_span_context().trace_id
+            rid = format(trace_id, "032x") if trace_id else uuid.uuid4().hex
+        self._request_id = rid
+        self.set_header("X-Request-ID", rid)
+        request_id_var.set(rid)
+        return rid
+
+    def compute_etag(self) -> None:
+        # every answer is Cache-Control: no-store, so nothing would revalidate with an ETag: not worth a
+        # SHA-1 of each body
+        return None
 
     async def prepare(self):
         _ = self.request_id
@@ -217,6 +236,10 @@ class BaseHandler(tornado.web.RequestHandler):
         inflight = getattr(self.ctx, "inflight", None)
         if inflight is not None:
             inflight.discard(self)
+        span = getattr(self, "_span", None)
+        if span is not None:
+            self._span = None
+            tracing.end_request(span, self.get_status())
 
     def on_connection_close(self) -> None:
         self.on_finish()

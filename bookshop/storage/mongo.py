@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import pymongo.errors
 from motor.motor_asyncio import AsyncIOMotorClient
 
+from bookshop import tracing
 from bookshop.services.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,10 @@ class Database:
     """One service's database: a motor client and the database named after the service."""
 
     def __init__(self, uri: str, name: str, server_selection_ms: int = 2000):
+        # commands are spans of the request that sent them while spans are exported (tracing.MongoSpans)
         self.client = AsyncIOMotorClient(with_required_options(uri), serverSelectionTimeoutMS=server_selection_ms,
-                                         connectTimeoutMS=2000, tz_aware=True, maxPoolSize=100)
+                                         connectTimeoutMS=2000, tz_aware=True, maxPoolSize=100,
+                                         event_listeners=tracing.mongo_listeners())
         self.db = self.client[name]
         self.name = name
 
