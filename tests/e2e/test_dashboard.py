@@ -60,7 +60,8 @@ class Staff:
 @pytest.fixture
 def browser():
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}")
+        pytest.skip(f"browser test of the live dashboard NOT RUN: no Chromium at {CHROMIUM} "
+                    "(apt-get install chromium; bash .ci/run installs it)")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)

@@ -231,3 +231,12 @@ def test_compose_needs_one_service_secret_for_all_services():
                if name in SERVICES}
     assert len(secrets) == len(SERVICES) and len(set(secrets.values())) == 1
     assert next(iter(secrets.values())).startswith("${BOOKSHOP_SERVICE_SECRET:?")
+
+
+def test_what_tox_and_compose_leave_in_the_tree_is_ignored_by_git():
+    """tox writes a ``.venv`` redirect file; deploy/.env holds the service secret compose reads."""
+    if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "--no-index", ".venv", "deploy/.env"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.stdout.split() == [".venv", "deploy/.env"], result.stderr
