@@ -152,10 +152,24 @@ async def _payments(ctx: ServiceContext) -> list:
 
 
 async def _recommendations(ctx: ServiceContext) -> list:
+    import os
+    import socket
+    import uuid
+    from bookshop.clients.stream import EventStreamClient
     from bookshop.handlers import recommendations
+    from bookshop.services.recommendations import Learner, Recommender
+    from bookshop.storage.recommendations import CoPurchaseRepo
     ctx.use_remote_keys()
-    ctx.deps.update(catalog=_client(ctx, clients.CatalogClient, "catalog"),
-                    orders=_client(ctx, clients.OrdersClient, "orders"))
+    repo = CoPurchaseRepo(ctx.db)
+    await repo.create_indexes()
+    catalog = _client(ctx, clients.CatalogClient, "catalog")
+    orders = _client(ctx, clients.OrdersClient, "orders")
+    stream = EventStreamClient(ctx.http, ctx.settings.url("orders"), ctx.tokens)
+    learner = Learner(repo, orders.purchases, stream.follow, metrics=ctx.metrics,
+                      owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    ctx.deps.update(learner=learner, recommender=Recommender(catalog, repo))
+    ctx.spawn(learner.run(ctx.stop), "follow-orders")
+    ctx.on_shutdown.append(learner.release)  # the next instance (or this one restarted) takes over at once
     return recommendations.routes()
 
 
@@ -236,7 +250,8 @@ def preload() -> None:
     for module in ("handlers.users", "handlers.catalog", "handlers.inventory", "handlers.orders",
                    "handlers.payments", "handlers.recommendations", "handlers.gateway", "services.checkout",
                    "services.demo_data", "storage.users", "storage.catalog", "storage.inventory",
-                   "storage.orders", "storage.payments", "clients.cache", "ws.follower", "ws.hub"):
+                   "storage.orders", "storage.payments", "clients.cache", "ws.follower", "ws.hub",
+                   "services.recommendations", "storage.recommendations", "clients.stream"):
         importlib.import_module(f"bookshop.{module}")
 
 

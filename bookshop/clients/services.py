@@ -126,10 +126,13 @@ class OrdersClient(UpstreamClient):
         self.raise_for(reply)
         return reply.body["items"]
 
-    async def purchased(self, user_id: str) -> list[str]:
-        reply = await self.request("GET", f"/internal/users/{user_id}/purchased")
+    async def purchases(self, after: str | None, limit: int = 500) -> tuple[list[dict], str | None]:
+        """One page of confirmed and shipped orders ``{id, user_id, status, lines}`` by id, after the order
+        ``after``; and the id to ask after next (None: that was the last page)."""
+        params = {"limit": str(limit), **({"after": after} if after else {})}
+        reply = await self.request("GET", "/internal/orders/purchases", params=params)
         self.raise_for(reply)
-        return reply.body["isbns"]
+        return reply.body["items"], reply.body["next_after"]
 
 
 class RecommendationsClient(UpstreamClient):

@@ -1,7 +1,8 @@
-"""Recommendations service: what to read next.
+"""Recommendations service: what to read next (the rules are in ``services.recommendations``).
 
-For now: books of the same category as the given one, newest first, never the book itself and never one
-the signed-in customer already bought. Signed in without ``isbn``: books from the categories they bought.
+``GET /api/v1/recommendations?isbn=X``: for a reader of X; signed in as a customer without ``isbn``: from
+what they bought. Each answer says, in ``X-Orders-Seq``, how far into the orders stream the counts it was
+made from had got (a cache can tell an answer made before an order it has seen an event of).
 """
 from __future__ import annotations
 
@@ -9,48 +10,24 @@ from bookshop.handlers.base import BaseHandler
 from bookshop.services import errors
 from bookshop.services.isbn import normalize_isbn
 
-LIMIT = 5
-
 
 class RecommendationsHandler(BaseHandler):
     public = {"GET"}
 
-    async def category_books(self, category: str, skip: int) -> list[dict]:
-        """The newest books of a category, enough of them to still have LIMIT after ``skip`` exclusions.
-
-        Asked of the catalog each time (an indexed read of a few books), not cached here: a cached list
-        would keep recommending a deleted or moved book; the gateway caches pages and drops them on events.
-        """
-        return await self.ctx.deps["catalog"].newest(category, min(100, LIMIT + skip))
-
     async def get(self):
-        catalog = self.ctx.deps["catalog"]
+        recommender = self.ctx.deps["recommender"]
         raw = self.get_query_argument("isbn", None)
-        bought: set[str] = set()
-        if self.principal is not None and self.principal.role == "customer":
-            bought = set(await self.ctx.deps["orders"].purchased(self.principal.sub))
+        customer = self.principal.sub if self.principal is not None and self.principal.role == "customer" else None
+        seq = self.ctx.deps["learner"].state.last_seq
         if raw is not None:
-            isbn = normalize_isbn(raw)
-            book = await catalog.book(isbn)
-            if book is None:
-                raise errors.NotFound("no such book", code="book_not_found")
-            categories, exclude = [book["category"]], bought | {isbn}
-        elif self.principal is not None and self.principal.role == "customer":
-            books = await catalog.books(sorted(bought)) if bought else {}
-            categories = sorted({b["category"] for b in books.values()}) or []
-            exclude = bought
+            items = await recommender.for_book(normalize_isbn(raw), customer)
+        elif customer is not None:
+            items = await recommender.for_customer(customer)
         else:
             raise errors.InvalidInput("isbn: required unless signed in as a customer", code="invalid_field",
                                       details={"field": "isbn"})
-        picks: list[dict] = []
-        for category in categories:
-            if len(picks) >= LIMIT:
-                break
-            for book in await self.category_books(category, len(exclude)):
-                if book["isbn"] not in exclude and len(picks) < LIMIT:
-                    fields = ("isbn", "title", "authors", "category", "price_cents", "currency")
-                    picks.append({k: book[k] for k in fields})
-        self.write_json({"items": picks})
+        self.set_header("X-Orders-Seq", str(seq))
+        self.write_json({"items": items})
 
 
 def routes() -> list[tuple]:
