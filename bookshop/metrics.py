@@ -7,7 +7,9 @@ What every service exports (deploy/monitoring/ holds the alert rules and the das
 - ``bookshop_domain_events_total{service, name}``: what the shop did (orders confirmed, logins failed, slow
   WebSocket clients dropped, ...); the names in ``DOMAIN_EVENTS`` are there from start-up, at 0, so that
   ``rate()`` and ``increase()`` see their first event;
-- ``bookshop_gauge{service, name}``: current values (``ready``, ``websocket_clients``, ...);
+- ``bookshop_gauge{service, name}``: current values: ``ready`` (1/0, set at each ``/readyz``),
+  ``websocket_clients`` (gateway), ``saga_recovery_backlog`` (orders: open orders whose owner's lease ran out,
+  measured every 5 s), ...;
 - ``bookshop_upstream_circuit_open`` and ``bookshop_upstream_refused_total`` by ``service`` and ``upstream``:
   the circuit breakers of the calls to sibling services (see ``bookshop.clients.base.UpstreamStates``).
 """

@@ -136,6 +136,11 @@ async def _orders(ctx: ServiceContext) -> list:
                     cursors=CursorCodec(ctx.settings.service_secret or "bookshop"))
     ctx.spawn(checkout.recover_forever(ctx.stop), "saga recovery")
 
+    async def measure_backlog():
+        # open orders whose owner's lease ran out: recovery's work still to do (at most 100; deploy/monitoring)
+        ctx.metrics.gauge("saga_recovery_backlog", len(await repo.unfinished()))
+    ctx.spawn(_every(ctx, 5.0, measure_backlog, "recovery backlog"), "recovery backlog")
+
     async def finish_sagas():
         if sagas:
             await asyncio.wait(list(sagas), timeout=3.0)
