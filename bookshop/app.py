@@ -54,13 +54,10 @@ class ServiceContext:
         self.stream_sockets: set = set()
 
     def use_remote_keys(self) -> None:
-        users = self.settings.url("users")
-
-        async def load():
-            from bookshop.clients.services import UsersClient
-            return await UsersClient(self.http, users, None, self.settings.upstream_timeout).jwks()
-
-        self.verifier = TokenVerifier(load)
+        from bookshop.clients.services import UsersClient
+        # one client for every load, so its circuit breaker sees the users service's failures and opens
+        users = UsersClient(self.http, self.settings.url("users"), None, self.settings.upstream_timeout)
+        self.verifier = TokenVerifier(users.jwks)
 
     def use_event_log(self, embedded=None) -> None:
         self.event_log = EventLog(self.db)

@@ -2,8 +2,9 @@
 
 The users service signs RS256 JWTs and publishes its public keys at ``/.well-known/jwks.json``. Every other
 service verifies tokens here: keys fetched from that JWKS with aiohttp, cached, refetched when a token names
-an unknown ``kid`` (at most once every few seconds), algorithm pinned to RS256, ``exp``/``iss``/``aud``
-required. Service-to-service calls carry a ``service`` token obtained by OAuth2 client credentials.
+an unknown ``kid`` or while none could be fetched (at most once every few seconds), algorithm pinned to
+RS256, ``exp``/``iss``/``aud`` required. Service-to-service calls carry a ``service`` token obtained by OAuth2
+client credentials.
 """
 from __future__ import annotations
 
@@ -59,27 +60,36 @@ class TokenVerifier:
     def __init__(self, load_jwks: KeyLoader):
         self._load_jwks = load_jwks
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched_at = 0.0
+        self._fetched_at: float | None = None  # when the last fetch was tried (None: never)
+        self._failed_retry_after: int | None = None  # the last fetch failed: the Retry-After to answer with
         self._lock = asyncio.Lock()
         self._verified: dict[str, Principal] = {}
 
     def forget(self) -> None:
         self._keys = {}
-        self._fetched_at = 0.0
+        self._fetched_at = None
+        self._failed_retry_after = None
         self._verified.clear()
 
     async def _refresh(self, force: bool) -> None:
         async with self._lock:
             now = time.monotonic()
-            # fresh enough (a burst of unknown kids costs one fetch per interval)
-            if self._keys and now - self._fetched_at < (self.refetch_interval if force else self.max_age):
-                return
+            if self._fetched_at is not None:
+                # fresh enough: a burst of unknown kids, or of requests while no key could be had (the users
+                # service down at our start), costs one fetch per interval, not one per request
+                fresh = self.refetch_interval if force or not self._keys else self.max_age
+                if now - self._fetched_at < fresh:
+                    if self._failed_retry_after is not None and not self._keys:
+                        raise Unavailable("token keys unavailable", retry_after=self._failed_retry_after)
+                    return
             self._fetched_at = now
             try:
                 jwks = await self._load_jwks()
-            except Unavailable:
+            except Unavailable as exc:
                 log.warning("token keys unavailable")
+                self._failed_retry_after = exc.retry_after or 2
                 raise
+            self._failed_retry_after = None
             keys = {}
             for item in jwks.get("keys", []):
                 if item.get("kty") == "RSA" and item.get("kid"):
@@ -94,7 +104,7 @@ class TokenVerifier:
     async def key_for(self, kid: str) -> jwt.PyJWK:
         if kid not in self._keys:
             await self._refresh(force=bool(self._keys))
-        elif time.monotonic() - self._fetched_at >= self.max_age:
+        elif self._fetched_at is None or time.monotonic() - self._fetched_at >= self.max_age:
             try:
                 await self._refresh(force=False)
             except Unavailable:
@@ -106,7 +116,8 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         known = self._verified.get(token)
         if known is not None:
-            if known.exp > time.time() and time.monotonic() - self._fetched_at < self.max_age:
+            if known.exp > time.time() and self._fetched_at is not None \
+                    and time.monotonic() - self._fetched_at < self.max_age:
                 return known
             del self._verified[token]
         principal = await self._verify(token)

@@ -11,7 +11,7 @@ import logging
 from bookshop.app import ServiceContext, make_app
 from bookshop.auth import TokenVerifier
 from bookshop.clients import services as clients
-from bookshop.settings import Settings
+from bookshop.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,23 @@ async def _users(ctx: ServiceContext) -> list:
     ctx.verifier = TokenVerifier(local_jwks)
     ctx.deps["issuer"] = users.TokenIssuer(ctx)
     settings = ctx.settings
+    hashes = accounts.HashPool()
+    ctx.deps.update(hashes=hashes, registrations=accounts.RegistrationLimit(settings.registration_limit))
+
+    async def close_hashes():
+        hashes.close()
+    ctx.on_shutdown.append(close_hashes)
     if settings.admin_email:
         email = accounts.normalize_email(settings.admin_email)
         existing = await repos["users"].by_email(email)
         if existing is None or existing["role"] != "staff" or not accounts.verify_password(
                 existing["password_hash"], settings.admin_password):
             hashed = accounts.hash_password(settings.admin_password)
-            await repos["users"].ensure_staff(email, "Shop staff", hashed)
-            log.info("staff account ensured for the configured admin email")
+            user_id = await repos["users"].ensure_staff(email, "Shop staff", hashed)
+            # a change of role or password: logins made before it (perhaps by whoever registered the email
+            # first) must not refresh into staff tokens
+            await repos["refresh_tokens"].revoke_user(user_id)
+            log.info("staff account ensured for the configured admin email; its earlier logins are revoked")
     return users.routes()
 
 
@@ -69,12 +78,14 @@ async def _catalog(ctx: ServiceContext) -> list:
     from bookshop.services import demo_data
     from bookshop.services.catalog import CursorCodec, search_words
     from bookshop.storage.catalog import BookRepo
+    if not ctx.settings.service_secret:
+        raise SettingsError("BOOKSHOP_SERVICE_SECRET is not set: catalog signs its paging cursors with it")
     ctx.use_remote_keys()
     ctx.use_event_log()
     await ctx.event_log.create_indexes()
     books = BookRepo(ctx.db, ctx.event_log)
     await books.create_indexes()
-    ctx.deps.update(books=books, cursors=CursorCodec(ctx.settings.service_secret or "bookshop"))
+    ctx.deps.update(books=books, cursors=CursorCodec(ctx.settings.service_secret))
     if ctx.settings.demo_data:
         seeded = await books.seed([{**b, **search_words(b), "currency": ctx.settings.currency}
                                    for b in demo_data.demo_books()])
@@ -118,6 +129,9 @@ async def _orders(ctx: ServiceContext) -> list:
     from bookshop.services.checkout import Checkout
     from bookshop.storage.orders import CartRepo, IdempotencyRepo, OrderRepo
     from bookshop.storage.outbox import utcnow
+    if not ctx.settings.service_secret:
+        raise SettingsError("BOOKSHOP_SERVICE_SECRET is not set: orders signs its paging cursors and "
+                            "idempotency fingerprints with it")
     ctx.use_remote_keys()
     ctx.use_event_log()
     await ctx.event_log.create_indexes()
@@ -133,7 +147,7 @@ async def _orders(ctx: ServiceContext) -> list:
     sagas: set = set()
     ctx.deps.update(orders=repo, carts=CartRepo(ctx.db), idempotency=idem, catalog=catalog, inventory=inventory,
                     payments=payments, checkout=checkout, sagas=sagas,
-                    cursors=CursorCodec(ctx.settings.service_secret or "bookshop"))
+                    cursors=CursorCodec(ctx.settings.service_secret))
     ctx.spawn(checkout.recover_forever(ctx.stop), "saga recovery")
 
     async def measure_backlog():

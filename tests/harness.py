@@ -61,6 +61,8 @@ class Shop:
             "BOOKSHOP_ADMIN_EMAIL": ADMIN_EMAIL,
             "BOOKSHOP_ADMIN_PASSWORD": ADMIN_PASSWORD,
             "BOOKSHOP_DEMO_DATA": "0",
+            # every test registers from 127.0.0.1: the limit per address is tested by the tests that set it
+            "BOOKSHOP_REGISTRATION_LIMIT": "0",
             "BOOKSHOP_HOST": "127.0.0.1",
             "BOOKSHOP_LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",

@@ -8,7 +8,7 @@ import logging
 import math
 import uuid
 
-from bookshop import SERVICES
+from bookshop import SERVICES, auth, net
 from bookshop.handlers.base import BaseHandler
 from bookshop.services import accounts, errors
 from bookshop.services.accounts import SERVICE_TOKEN_TTL
@@ -33,15 +33,75 @@ class RefreshRequest(StrictModel):
     refresh_token: str
 
 
+class PasswordChange(StrictModel):
+    current_password: str
+    new_password: str
+
+
 def user_view(user: dict) -> dict:
     return {"id": user["_id"], "email": user["email"], "name": user["name"], "role": user["role"]}
 
 
-async def in_thread(fn, *args):
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+def invalid_refresh() -> errors.Unauthenticated:
+    return errors.Unauthenticated("refresh token unknown, used or expired", code="invalid_refresh_token")
 
 
-class UsersHandler(BaseHandler):
+class AccountHandler(BaseHandler):
+    """Base of the account routes: the client address they count attempts by, and the one lockout check
+    of a password (a login, a password change)."""
+
+    #: the call came through the gateway, which proves itself with a service token in
+    #: ``X-Service-Authorization`` (the caller's own token, if any, stays in ``Authorization``)
+    relayed = False
+
+    async def authenticate(self) -> None:
+        await super().authenticate()
+        relay = self.request.headers.get("X-Service-Authorization")
+        if relay:
+            try:
+                self.relayed = (await self.ctx.verifier.verify(auth.bearer(relay) or "")).is_service
+            except errors.Unauthenticated:
+                self.relayed = False
+
+    def client_address(self) -> str:
+        forwarded = self.request.headers.get("X-Forwarded-For", "")
+        if self.relayed and forwarded.strip():
+            # the gateway's own computation (behind BOOKSHOP_TRUSTED_PROXIES): believed from it alone
+            return forwarded.split(",")[-1].strip()[:net.MAX_ADDRESS]
+        return net.client_address(self.request.remote_ip, forwarded, self.ctx.settings.trusted_proxies)
+
+    @property
+    def hashes(self) -> accounts.HashPool:
+        return self.ctx.deps["hashes"]
+
+    async def check_password(self, email: str, stored_hash: str | None, password: str) -> None:
+        """``password`` against ``stored_hash`` (None: no such account, which costs the same), counted per
+        email and per client address: ``RateLimited`` while locked, ``Unauthenticated`` if wrong. Call it
+        inside ``self.hashes.admit(...)``."""
+        settings = self.ctx.settings
+        attempts = self.ctx.deps["login_attempts"]
+        email_key, ip_key = f"email:{email}", f"ip:{self.client_address()}"
+        lock = datetime.timedelta(seconds=settings.login_lock_seconds)
+        window = datetime.timedelta(minutes=15)
+        wait = await attempts.locked_for(ip_key)
+        if wait <= 0:
+            # counted before the (slow) password check: a burst of parallel guesses gets no more than the limit
+            wait = await attempts.begin(email_key, settings.login_max_failures, lock, window)
+        if wait > 0:
+            raise errors.RateLimited("too many failed logins; try again later", code="too_many_attempts",
+                                     retry_after=math.ceil(wait))
+        if not await self.hashes.run(accounts.verify_password, stored_hash, password):
+            await attempts.fail(email_key, settings.login_max_failures, lock, window, counted=True)
+            await attempts.fail(ip_key, settings.login_max_failures * 10, lock, window)
+            self.ctx.metrics.count("logins_failed")
+            raise errors.Unauthenticated("wrong email or password", code="invalid_credentials")
+        await attempts.succeed(email_key)
+
+
+class UsersHandler(AccountHandler):
+    """``POST /api/v1/users``: register, at most ``BOOKSHOP_REGISTRATION_LIMIT`` per client address per 10
+    minutes (counted in this process)."""
+
     public = {"POST"}
 
     async def post(self):
@@ -49,7 +109,12 @@ class UsersHandler(BaseHandler):
         email = accounts.normalize_email(body.email)
         accounts.check_password_rules(body.password)
         name = accounts.check_name(body.name)
-        password_hash = await in_thread(accounts.hash_password, body.password)
+        with self.hashes.admit("registration"):  # first: a 503 is not counted against the address
+            wait = self.ctx.deps["registrations"].hit(self.client_address())
+            if wait > 0:
+                raise errors.RateLimited("too many registrations from this address; try again later",
+                                         code="too_many_attempts", retry_after=math.ceil(wait))
+            password_hash = await self.hashes.run(accounts.hash_password, body.password)
         user = await self.ctx.deps["users"].add(email, name, password_hash)
         if user is None:
             raise errors.Conflict("an account with this email exists", code="email_taken")
@@ -65,6 +130,29 @@ class MeHandler(BaseHandler):
         if user is None:
             raise errors.NotFound("user not found")
         self.write_json(user_view(user))
+
+
+class PasswordHandler(AccountHandler):
+    """``POST /api/v1/users/me/password``: a wrong current password counts like a failed login; a change
+    signs every login of the account out."""
+
+    async def post(self):
+        principal = self.require("customer", "staff")
+        body = self.json_body(PasswordChange)
+        accounts.check_password_rules(body.new_password, field="new_password")
+        users = self.ctx.deps["users"]
+        user = await users.by_id(principal.sub)
+        if user is None:
+            raise errors.NotFound("user not found")
+        with self.hashes.admit("login"):
+            await self.check_password(user["email"], user["password_hash"], body.current_password)
+            new_hash = await self.hashes.run(accounts.hash_password, body.new_password)
+        await users.change_password(user["_id"], new_hash)  # refresh tokens issued before are refused from now
+        await self.ctx.deps["refresh_tokens"].revoke_user(user["_id"])
+        self.ctx.metrics.count("password_changes")
+        log.info("password changed for user %s; its refresh tokens are revoked", user["_id"])
+        self.set_status(204)
+        self.finish()
 
 
 class TokenIssuer:
@@ -88,85 +176,76 @@ class TokenIssuer:
         return self._signer
 
     async def pair(self, user: dict, family: str | None = None) -> dict:
+        """Tokens for ``user`` as read (its role, its credentials version: a refresh token made from a
+        read that predates a change of role or password is refused when it is used)."""
         ttl = self.ctx.settings.access_token_ttl
         access = (await self.signer()).sign(user["_id"], user["role"], ttl)
         refresh, refresh_hash = accounts.new_refresh_token()
         await self.ctx.deps["refresh_tokens"].add(refresh_hash, user["_id"], family or uuid.uuid4().hex,
-                                                  utcnow() + accounts.REFRESH_TTL)
+                                                  utcnow() + accounts.REFRESH_TTL, user.get("token_version", 0))
         return {"access_token": access, "token_type": "Bearer", "expires_in": ttl, "refresh_token": refresh}
 
 
-class TokensHandler(BaseHandler):
+class TokensHandler(AccountHandler):
     """``POST /api/v1/tokens``: log in. Failures are counted per email and per client address."""
 
     public = {"POST"}
 
-    def client_address(self) -> str:
-        # X-Forwarded-For is believed only when the gateway set it (it proves itself with a service token)
-        if self.principal is not None and self.principal.is_service:
-            forwarded = self.request.headers.get("X-Forwarded-For", "")
-            if forwarded:
-                return forwarded.split(",")[-1].strip()[:64]
-        return self.request.remote_ip or "unknown"
-
-    async def authenticate(self) -> None:
-        service = self.request.headers.get("X-Service-Authorization")
-        if service:
-            from bookshop import auth
-            try:
-                self.principal = await self.ctx.verifier.verify(auth.bearer(service) or "")
-            except errors.Unauthenticated:
-                self.principal = None
-        # the route itself is public: credentials are in the body
-
     async def post(self):
         body = self.json_body(Credentials)
-        settings = self.ctx.settings
-        attempts = self.ctx.deps["login_attempts"]
         email = body.email.strip().lower()[:254]
-        email_key, ip_key = f"email:{email}", f"ip:{self.client_address()}"
-        lock = datetime.timedelta(seconds=settings.login_lock_seconds)
-        window = datetime.timedelta(minutes=15)
-        wait = await attempts.locked_for(ip_key)
-        if wait <= 0:
-            # counted before the (slow) password check: a burst of parallel guesses gets no more than the limit
-            wait = await attempts.begin(email_key, settings.login_max_failures, lock, window)
-        if wait > 0:
-            raise errors.RateLimited("too many failed logins; try again later", code="too_many_attempts",
-                                     retry_after=math.ceil(wait))
-        user = await self.ctx.deps["users"].by_email(email)
-        stored = user["password_hash"] if user else None
-        ok = await in_thread(accounts.verify_password, stored, body.password)
-        if not ok:
-            await attempts.fail(email_key, settings.login_max_failures, lock, window, counted=True)
-            await attempts.fail(ip_key, settings.login_max_failures * 10, lock, window)
-            self.ctx.metrics.count("logins_failed")
-            raise errors.Unauthenticated("wrong email or password", code="invalid_credentials")
-        await attempts.succeed(email_key)
-        if accounts.needs_rehash(user["password_hash"]):
-            rehashed = await in_thread(accounts.hash_password, body.password)
-            await self.ctx.deps["users"].set_hash(user["_id"], rehashed)
+        users = self.ctx.deps["users"]
+        with self.hashes.admit("login"):
+            user = await users.by_email(email)
+            await self.check_password(email, user["password_hash"] if user else None, body.password)
+            if accounts.needs_rehash(user["password_hash"]):
+                rehashed = await self.hashes.run(accounts.hash_password, body.password)
+                await users.set_hash(user["_id"], rehashed)  # the same password: its logins stay
         self.ctx.metrics.count("logins")
         self.write_json(await self.ctx.deps["issuer"].pair(user))
 
 
 class RefreshHandler(BaseHandler):
+    """``POST /api/v1/tokens/refresh``: rotation. Of concurrent refreshes with one token one wins; a used
+    token presented again is refused, and ends the whole login when it comes back after the grace."""
+
     public = {"POST"}
 
     async def post(self):
         body = self.json_body(RefreshRequest)
         tokens = self.ctx.deps["refresh_tokens"]
-        state, doc = await tokens.use(accounts.hash_refresh_token(body.refresh_token))
-        if state == "reused":
-            # a used token came back: someone holds a copy. End the whole login.
-            await tokens.revoke_family(doc["family"])
-            log.warning("refresh token reuse for user %s; family revoked", doc["user_id"])
+        now = utcnow()
+        state, doc = await tokens.use(accounts.hash_refresh_token(body.refresh_token), now)
+        if state == "used":
+            if accounts.refresh_reuse_is_theft(doc["used_at"], now):
+                # a used token came back long after: someone holds a copy. End the whole login.
+                await tokens.revoke_family(doc["family"])
+                log.warning("refresh token reuse for user %s; family revoked", doc["user_id"])
+            raise invalid_refresh()
         if state != "ok":
-            raise errors.Unauthenticated("refresh token unknown, used or expired", code="invalid_refresh_token")
+            raise invalid_refresh()
         user = await self.ctx.deps["users"].by_id(doc["user_id"])
-        if user is None:
-            raise errors.Unauthenticated("refresh token unknown, used or expired", code="invalid_refresh_token")
-        self.write_json(await self.ctx.deps["issuer"].pair(user, doc["family"]))
+        if user is None or user.get("token_version", 0) != doc.get("user_version", 0):
+            raise invalid_refresh()  # the account's role or password changed since this login
+        pair = await self.ctx.deps["issuer"].pair(user, doc["family"])
+        if await tokens.family_revoked(doc["family"]):  # signed out (or found stolen) while we were at it
+            await tokens.revoke_family(doc["family"])
+            raise invalid_refresh()
+        self.write_json(pair)
+
+
+class RevokeHandler(BaseHandler):
+    """``POST /api/v1/tokens/revoke``: sign one login out (every refresh token of its family). Unknown
+    tokens are 204 too: the answer tells nothing about a token."""
+
+    public = {"POST"}
+
+    async def post(self):
+        body = self.json_body(RefreshRequest)
+        await self.ctx.deps["refresh_tokens"].revoke_login(accounts.hash_refresh_token(body.refresh_token))
+        self.ctx.metrics.count("logouts")
+        self.set_status(204)
+        self.finish()
 
 
 class JwksHandler(BaseHandler):
@@ -204,8 +283,10 @@ def routes() -> list[tuple]:
     return [
         (r"/api/v1/users", UsersHandler),
         (r"/api/v1/users/me", MeHandler),
+        (r"/api/v1/users/me/password", PasswordHandler),
         (r"/api/v1/tokens", TokensHandler),
         (r"/api/v1/tokens/refresh", RefreshHandler),
+        (r"/api/v1/tokens/revoke", RevokeHandler),
         (r"/\.well-known/jwks\.json", JwksHandler),
         (r"/oauth/token", ServiceTokenHandler),
     ]

@@ -12,6 +12,9 @@ from bookshop.storage.outbox import utcnow
 
 
 class UserRepo:
+    """Accounts. ``token_version`` counts the changes of role or password: a refresh token records the
+    version it was issued under and is refused once the account has moved on."""
+
     def __init__(self, db):
         self.users = db["users"]
 
@@ -35,14 +38,21 @@ class UserRepo:
         return await self.users.find_one({"_id": user_id})
 
     async def set_hash(self, user_id: str, password_hash: str) -> None:
+        """The same password hashed anew (stronger parameters): not a change of password."""
         await self.users.update_one({"_id": user_id}, {"$set": {"password_hash": password_hash}})
 
-    async def ensure_staff(self, email: str, name: str, password_hash: str) -> None:
+    async def change_password(self, user_id: str, password_hash: str) -> None:
+        await self.users.update_one({"_id": user_id}, {"$set": {"password_hash": password_hash},
+                                                       "$inc": {"token_version": 1}})
+
+    async def ensure_staff(self, email: str, name: str, password_hash: str) -> str:
+        """Make ``email`` a staff account with this password (a change of role and password); its id."""
         await self.users.update_one(
             {"email": email},
-            {"$set": {"role": "staff", "password_hash": password_hash},
+            {"$set": {"role": "staff", "password_hash": password_hash}, "$inc": {"token_version": 1},
              "$setOnInsert": {"_id": str(ObjectId()), "name": name, "created_at": utcnow()}},
             upsert=True)
+        return (await self.users.find_one({"email": email}, {"_id": 1}))["_id"]
 
 
 class RefreshTokenRepo:
@@ -53,15 +63,19 @@ class RefreshTokenRepo:
 
     async def create_indexes(self) -> None:
         await self.tokens.create_index("family")
+        await self.tokens.create_index("user_id")
         await self.tokens.create_index("expires_at", expireAfterSeconds=0)
 
-    async def add(self, token_hash: str, user_id: str, family: str, expires_at: datetime.datetime) -> None:
+    async def add(self, token_hash: str, user_id: str, family: str, expires_at: datetime.datetime,
+                  user_version: int = 0) -> None:
         await self.tokens.insert_one({"_id": token_hash, "user_id": user_id, "family": family,
-                                      "expires_at": expires_at, "used_at": None, "revoked": False})
+                                      "user_version": user_version, "expires_at": expires_at, "used_at": None,
+                                      "revoked": False})
 
-    async def use(self, token_hash: str) -> tuple[str, dict | None]:
-        """Mark a token used, once. Returns ("ok", doc), ("reused", doc) or ("unknown", None)."""
-        now = utcnow()
+    async def use(self, token_hash: str, now: datetime.datetime) -> tuple[str, dict | None]:
+        """Mark a token used, once (of concurrent calls exactly one gets "ok"). Returns ("ok", doc), ("used",
+        doc) with the first use's ``used_at`` when it was used before, or ("unknown", None) for a token
+        that is unknown, revoked or expired and unused."""
         doc = await self.tokens.find_one_and_update(
             {"_id": token_hash, "used_at": None, "revoked": False, "expires_at": {"$gt": now}},
             {"$set": {"used_at": now}})
@@ -69,11 +83,30 @@ class RefreshTokenRepo:
             return "ok", doc
         doc = await self.tokens.find_one({"_id": token_hash})
         if doc is not None and doc.get("used_at") is not None:
-            return "reused", doc
+            return "used", doc
         return "unknown", None
 
     async def revoke_family(self, family: str) -> None:
+        """Revoke every token of a login. The family's marker is written first, so a refresh racing with
+        this either finds its token revoked, or has stored its new token before the update below (which
+        then revokes it too), or sees the marker afterwards (``family_revoked``)."""
+        await self.tokens.update_one({"_id": f"family:{family}"},
+                                     {"$set": {"family": family, "revoked": True,
+                                               "expires_at": utcnow() + datetime.timedelta(days=1)}},
+                                     upsert=True)
         await self.tokens.update_many({"family": family}, {"$set": {"revoked": True}})
+
+    async def family_revoked(self, family: str) -> bool:
+        return await self.tokens.find_one({"_id": f"family:{family}"}, {"_id": 1}) is not None
+
+    async def revoke_login(self, token_hash: str) -> None:
+        """Revoke the family (the login) of a token, whatever its state; nothing if it is unknown."""
+        doc = await self.tokens.find_one({"_id": token_hash}, {"family": 1})
+        if doc is not None:
+            await self.revoke_family(doc["family"])
+
+    async def revoke_user(self, user_id: str) -> None:
+        await self.tokens.update_many({"user_id": user_id, "revoked": False}, {"$set": {"revoked": True}})
 
 
 class KeyRepo:

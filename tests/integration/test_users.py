@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import hmac
 import json
@@ -50,6 +51,18 @@ def signing_key(shop) -> dict:
     finally:
         client.close()
     return doc
+
+
+def used_long_ago(shop, refresh_token: str) -> None:
+    """Move a used refresh token's first use 11 s into the past: out of the grace a client's own retry gets."""
+    client = pymongo.MongoClient(shop.mongodb_uri, serverSelectionTimeoutMS=3000)
+    try:
+        when = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=11)
+        done = client[f"{shop.prefix}_users"]["refresh_tokens"].update_one(
+            {"_id": accounts.hash_refresh_token(refresh_token), "used_at": {"$ne": None}}, {"$set": {"used_at": when}})
+        assert done.modified_count == 1
+    finally:
+        client.close()
 
 
 async def service_token(session: aiohttp.ClientSession, shop, client_id: str = "orders",
@@ -297,7 +310,14 @@ async def test_refresh_rotates_and_a_reused_token_ends_the_whole_login(shop):
         assert r.status == 200
         third = r.body
 
-        # the used one comes back: someone holds a copy, so the whole family ends
+        # the used one comes back within 10 s of its first use: refused, and nothing else (a client's retry)
+        r = await api.post("/tokens/refresh", {"refresh_token": first["refresh_token"]})
+        assert r.status == 401 and r.body["error"]["code"] == "invalid_refresh_token"
+        r = await api.post("/tokens/refresh", {"refresh_token": third["refresh_token"]})
+        assert r.status == 200
+        third = r.body
+        # later: someone holds a copy, so the whole family ends
+        used_long_ago(shop, first["refresh_token"])
         r = await api.post("/tokens/refresh", {"refresh_token": first["refresh_token"]})
         assert r.status == 401
         r = await api.post("/tokens/refresh", {"refresh_token": third["refresh_token"]})

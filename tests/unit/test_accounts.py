@@ -1,6 +1,9 @@
 """Account rules: email normalisation, password rules, Argon2id hashing, refresh tokens and signing keys."""
 from __future__ import annotations
 
+import asyncio
+import datetime
+import threading
 import time
 
 import argon2
@@ -9,7 +12,7 @@ import pytest
 
 from bookshop import auth
 from bookshop.services import accounts
-from bookshop.services.errors import InvalidInput
+from bookshop.services.errors import InvalidInput, Unavailable
 
 
 @pytest.mark.parametrize("raw, normalised", [
@@ -37,6 +40,13 @@ def test_password_rules():
         with pytest.raises(InvalidInput) as info:
             accounts.check_password_rules(bad)
         assert info.value.details == {"field": "password"}
+
+
+def test_password_rules_name_the_field_they_check():
+    with pytest.raises(InvalidInput) as info:
+        accounts.check_password_rules("short", field="new_password")
+    assert info.value.details == {"field": "new_password"}
+    assert info.value.message.startswith("new_password:")
 
 
 def test_names_are_trimmed_and_bounded():
@@ -102,3 +112,131 @@ def test_the_signer_writes_the_contract_claims():
     assert claims["sub"] == "u7" and claims["role"] == "customer"
     assert claims["exp"] - claims["iat"] == 900 and abs(claims["iat"] - time.time()) < 5
     assert claims["jti"]
+
+
+# -- refresh reuse ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seconds_later, theft", [
+    (0, False), (0.5, False), (9.999, False), (10, False),  # the client's own retry (a lost answer, two tabs)
+    (10.001, True), (60, True), (86400 * 29, True),  # someone else kept a copy
+])
+def test_a_used_refresh_token_is_theft_only_after_the_grace(seconds_later, theft):
+    first_use = datetime.datetime(2030, 1, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    now = first_use + datetime.timedelta(seconds=seconds_later)
+    assert accounts.REFRESH_REUSE_GRACE == datetime.timedelta(seconds=10)
+    assert accounts.refresh_reuse_is_theft(first_use, now) is theft
+
+
+# -- registrations per client address ---------------------------------------------------------------------
+class Clock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_registrations_are_counted_per_address_in_windows_of_ten_minutes():
+    clock = Clock()
+    window = accounts.RegistrationLimit(3, clock=clock)
+    assert window.seconds == 600
+    assert [window.hit("198.51.100.1") for _ in range(3)] == [0, 0, 0]
+    clock.now += 100
+    assert window.hit("198.51.100.1") == pytest.approx(500)  # the window began at the first registration
+    assert window.hit("198.51.100.1") == pytest.approx(500)  # refusals do not extend it
+    assert window.hit("198.51.100.2") == 0  # another address has its own count
+    clock.now += 500
+    assert window.hit("198.51.100.1") == 0
+    assert window.hit("198.51.100.1") == 0
+
+
+def test_a_registration_limit_of_zero_is_off():
+    window = accounts.RegistrationLimit(0, clock=Clock())
+    assert all(window.hit("198.51.100.1") == 0 for _ in range(1000))
+
+
+def test_the_registration_counters_stay_bounded_under_many_addresses():
+    clock = Clock()
+    window = accounts.RegistrationLimit(2, clock=clock, max_addresses=100)
+    for i in range(1000):
+        window.hit(f"2001:db8::{i:x}")
+        clock.now += 0.01
+        assert len(window) <= 100
+    # the newest addresses are still counted
+    window.hit("2001:db8::3e7")
+    assert window.hit("2001:db8::3e7") > 0
+    clock.now += 601  # everything expired: the next hit sweeps
+    window.hit("198.51.100.1")
+    assert len(window) == 1
+
+
+# -- the bound on password hashes ------------------------------------------------------------------------
+def run(coro):
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def test_password_hashes_run_a_few_at_a_time_and_the_excess_is_refused_at_once():
+    pool = accounts.HashPool(workers=2, queue=4)
+    release = threading.Event()
+    running = []
+    most = [0]
+    lock = threading.Lock()
+
+    def slow(i):
+        with lock:
+            running.append(i)
+            most[0] = max(most[0], len(running))
+        release.wait(10)
+        with lock:
+            running.remove(i)
+        return i
+
+    async def job(i, kind):
+        with pool.admit(kind):
+            return await pool.run(slow, i)
+
+    async def scenario():
+        jobs = [asyncio.ensure_future(job(i, "login")) for i in range(6)]  # 2 running + 4 waiting
+        deadline = time.monotonic() + 10
+        while len(running) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for kind in ("login", "registration"):
+            with pytest.raises(Unavailable) as info:
+                with pool.admit(kind):
+                    pass
+            assert info.value.retry_after >= 1
+        release.set()
+        assert await asyncio.gather(*jobs) == list(range(6))
+        assert most[0] == 2
+        # every slot was given back
+        assert await job(7, "registration") == 7
+        pool.close()
+    run(scenario())
+
+
+def test_registrations_leave_room_in_the_queue_for_logins():
+    pool = accounts.HashPool(workers=1, queue=5)  # 6 places, at most 3 of them registrations
+    release = threading.Event()
+
+    async def job(kind):
+        with pool.admit(kind):
+            return await pool.run(release.wait, 10)
+
+    async def scenario():
+        registrations = [asyncio.ensure_future(job("registration")) for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable):
+            with pool.admit("registration"):
+                pass
+        logins = [asyncio.ensure_future(job("login")) for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable):
+            with pool.admit("login"):
+                pass
+        release.set()
+        assert all(await asyncio.gather(*registrations, *logins))
+        pool.close()
+    run(scenario())

@@ -268,6 +268,83 @@ def test_keys_unavailable_is_unavailable_not_a_pass(key):
     run(scenario())
 
 
+def test_with_no_keys_yet_a_burst_while_the_users_service_is_down_fetches_once_per_interval(key, monkeypatch):
+    """A service that started while the users service was down must not send it one JWKS fetch per request."""
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    calls = []
+
+    async def down():
+        calls.append(clock[0])
+        raise Unavailable("users down", retry_after=2)
+
+    async def scenario():
+        verifier = auth.TokenVerifier(down)
+        token = signed(key, claims())
+        for _ in range(3):
+            results = await asyncio.gather(*(verifier.verify(token) for _ in range(50)), return_exceptions=True)
+            # still "unavailable" (503), not "unknown key" (401), while no key could be fetched
+            assert all(isinstance(r, Unavailable) for r in results), results[:3]
+            clock[0] += verifier.refetch_interval / 3
+        assert len(calls) == 1
+        clock[0] += verifier.refetch_interval
+        with pytest.raises(Unavailable):
+            await verifier.verify(token)
+        assert len(calls) == 2
+    run(scenario())
+
+
+def test_an_empty_key_set_is_refetched_at_most_once_per_interval(key, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    loader = Loader()  # the users service answers, but has published nothing yet
+
+    async def scenario():
+        verifier = auth.TokenVerifier(loader)
+        token = signed(key, claims())
+        results = await asyncio.gather(*(verifier.verify(token) for _ in range(50)), return_exceptions=True)
+        assert all(isinstance(r, Unauthenticated) for r in results)
+        assert loader.calls == 1
+        loader.keys.append(key)
+        clock[0] += verifier.refetch_interval + 0.1
+        assert (await verifier.verify(token)).sub == "u1"
+        assert loader.calls == 2
+    run(scenario())
+
+
+# tenacity 9 deprecates wait_exponential_jitter(initial=...), which bookshop/clients/base.py still passes
+@pytest.mark.filterwarnings("ignore:The 'initial' parameter is deprecated:DeprecationWarning")
+def test_a_service_keeps_one_users_client_so_its_breaker_opens(key, monkeypatch):
+    """Every JWKS load goes through the same client: once the users service has failed often enough its
+    circuit opens and further loads fail at once, without a connection attempt."""
+    from bookshop.app import ServiceContext
+    from bookshop.clients import base
+    from bookshop.settings import Settings
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    sent = []
+
+    async def unreachable(self, method, url, *args):
+        sent.append(url)
+        raise base._Transient("users unreachable", retry=False)
+    monkeypatch.setattr(base.UpstreamClient, "_send", unreachable)
+
+    async def scenario():
+        ctx = ServiceContext("catalog", Settings(service_secret="s"), with_db=False)
+        try:
+            ctx.use_remote_keys()
+            token = signed(key, claims())
+            for _ in range(20):
+                with pytest.raises(Unavailable):
+                    await ctx.verifier.verify(token)
+                clock[0] += ctx.verifier.refetch_interval + 0.1
+        finally:
+            await ctx.close()
+        assert sent and all(url.endswith("/.well-known/jwks.json") for url in sent)
+        assert len(sent) <= 5, f"{len(sent)} fetches: the circuit breaker never opened"
+    run(scenario())
+
+
 def test_unusable_keys_in_the_jwks_are_ignored(key):
     async def loader():
         return {"keys": [{"kty": "oct", "kid": "sym", "k": b64(b"s" * 32)},
