@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from typing import Any, Awaitable, Callable
 
@@ -103,6 +104,11 @@ class ServiceContext:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.relay is not None:
+            try:
+                await asyncio.wait_for(self.relay.release(), 2.0)  # our successor numbers at once
+            except Exception:  # noqa: BLE001 - the lease then simply runs out
+                log.warning("could not release the relay lease", exc_info=True)
         await self.http.close()
         if self.db is not None:
             self.db.close()
@@ -158,6 +164,9 @@ async def serve(name: str, settings: Settings, port: int, ready: Callable[[], No
     server = tornado.httpserver.HTTPServer(app, xheaders=False, max_body_size=64 * 1024 * 1024,
                                            idle_connection_timeout=60)
     server.listen(port, address=settings.host if settings.host != "*" else "")
+    if ctx.relay is not None:
+        # one instance is one host:port: a restart of it takes the relay lease back without waiting it out
+        ctx.relay.owner = f"{socket.gethostname()}:{port}"
     await ctx.start_background()
     log.info("%s listening on %s:%d (%.0f ms)", name, settings.host, port, (time.monotonic() - started) * 1000)
     if ready:

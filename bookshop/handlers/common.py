@@ -72,7 +72,13 @@ class EventStreamSocket(tornado.websocket.WebSocketHandler):
 
     Frames: ``{"type": "hello", "seq": latest, "oldest": oldest}`` then one ``{"type": "event", ...}`` per
     event in ``seq`` order. The follower resumes with ``after`` = the last seq it saw.
+
+    A follower costs the database nothing while nothing happens: the pump reads when the event log says a new
+    event may exist (the local relay numbered one, or another process's relay did, seen by the log's change
+    stream or its fallback look), and otherwise only every ``IDLE_READ`` seconds, as a safety net.
     """
+
+    IDLE_READ = 15.0
 
     def initialize(self, ctx=None, route="?", **_):
         self.ctx = ctx
@@ -115,7 +121,7 @@ class EventStreamSocket(tornado.websocket.WebSocketHandler):
                     await self.write_message(json.dumps({"type": "event", **item}))
                     after = item["seq"]
                 if len(items) < 500:
-                    await log_.wait(after, 1.0)
+                    await log_.wait(after, self.IDLE_READ)
         except tornado.websocket.WebSocketClosedError:
             pass
         except asyncio.CancelledError:

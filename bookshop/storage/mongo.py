@@ -46,6 +46,7 @@ class Database:
                                          event_listeners=tracing.mongo_listeners())
         self.db = self.client[name]
         self.name = name
+        self._after_commit: dict[int, list[Callable[[], None]]] = {}  # by id() of a running transaction's session
 
     def __getitem__(self, collection: str):
         return self.db[collection]
@@ -58,14 +59,30 @@ class Database:
             return False
 
     async def transaction(self, work: Callable[[object], Awaitable[T]]) -> T:
-        """Run ``work(session)`` in a multi-document transaction, retried on transient conflicts."""
+        """Run ``work(session)`` in a multi-document transaction, retried on transient conflicts; then the
+        callbacks ``work`` registered with ``after_commit`` (not when it fails)."""
         try:
             async with await self.client.start_session() as session:
-                return await session.with_transaction(work)
+                callbacks = self._after_commit[id(session)] = []
+                try:
+                    result = await session.with_transaction(work)
+                finally:
+                    del self._after_commit[id(session)]
         except pymongo.errors.PyMongoError as exc:
             if is_unavailable(exc):
                 raise Unavailable("database unavailable", retry_after=2) from exc
             raise
+        for callback in callbacks:
+            callback()
+        return result
+
+    def after_commit(self, session, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the transaction of ``session`` has committed (at once outside of one)."""
+        callbacks = self._after_commit.get(id(session))
+        if callbacks is None:
+            callback()
+        elif callback not in callbacks:
+            callbacks.append(callback)
 
     def close(self) -> None:
         self.client.close()

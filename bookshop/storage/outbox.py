@@ -13,8 +13,19 @@ Design (why it looks like this):
   see seq N+1 before N exists: no holes that later fill. The unique index on ``seq`` fences a relay that lost
   its lease without noticing (its insert fails and it re-reads the tail); the unique index on ``source`` makes
   a move that crashed between "insert" and "remove pending" harmless to repeat.
-* ``events`` is kept 48 hours (TTL index on ``at``); consumers resume by ``seq``. Change streams on
-  ``events`` are only a wake-up for followers in other instances, never the source of truth.
+* ``events`` is kept 48 hours (TTL index on ``at``); consumers resume by ``seq``.
+* Wake-ups are in-process, so an idle shop is quiet. Whatever writes an event wakes its own process's relay
+  through ``EventLog.announce`` (``record`` does it, after the commit when inside ``Database.transaction``;
+  repositories that embed events call it after their write): nobody kicks the relay by hand. The relay polls
+  only slowly (``FALLBACK_SECONDS``), for what other processes left behind (a crashed instance, or events
+  written by an instance whose relay does not hold the lease). Local readers waiting for events are woken by
+  the local relay. A change stream on ``events`` is opened only while this process has readers waiting and
+  another process has been seen numbering (several instances of one service): on the embedded server every
+  write wakes every change stream, so one left open would cost CPU on every write of the shop.
+* The lease is taken when there is work and renewed (one write) at half-life only while work keeps coming: an
+  idle relay writes nothing. Its owner can be stable across restarts of one instance (host:port, see
+  ``app.serve``), so a restarted process resumes numbering at once instead of waiting out its predecessor's
+  lease; a process that stops releases it.
 """
 from __future__ import annotations
 
@@ -32,7 +43,9 @@ from bson import ObjectId
 log = logging.getLogger(__name__)
 
 RETENTION = datetime.timedelta(hours=48)
-LEASE_SECONDS = 5.0
+LEASE_SECONDS = 20.0
+FALLBACK_SECONDS = 10.0  # the relay's slow poll, for other processes' leftovers only
+FOREIGN_WATCH_SECONDS = 60.0  # how long a change stream stays open after another process was seen numbering
 
 
 def utcnow() -> datetime.datetime:
@@ -71,6 +84,31 @@ class EventLog:
         self.meta = database["meta"]
         self._changed = asyncio.Condition()
         self.last_seen = 0
+        self.sources: list[EmbeddedSource] = []
+        self.written = asyncio.Event()  # set by announce(): an event waits to be numbered
+        self._waiters = 0
+        self._last_waiting = 0.0  # loop time a reader last waited
+        self._watch_check = asyncio.Event()
+        self._foreign_until = 0.0  # loop time until which a change stream is worth its cost
+
+    def add_source(self, source: EmbeddedSource) -> None:
+        """Let the relay read events embedded in a repository's documents."""
+        if source not in self.sources:
+            self.sources.append(source)
+
+    def announce(self) -> None:
+        """An event was written in this process (durably): the relay moves it now. No I/O."""
+        self.written.set()
+
+    def _announce_after(self, session) -> None:
+        if session is None:
+            self.announce()
+            return
+        after_commit = getattr(self._db, "after_commit", None)
+        if after_commit is None:  # not a bookshop Database: announce now; the fallback pass covers an early look
+            self.announce()
+        else:
+            after_commit(session, self.announce)
 
     async def create_indexes(self) -> None:
         await self.events.create_index("seq", unique=True)
@@ -79,8 +117,14 @@ class EventLog:
         await self.events.create_index([("user_id", 1), ("seq", 1)])
 
     async def record(self, event: dict, session=None) -> None:
-        """Insert a pending event into the outbox (inside the caller's transaction)."""
+        """Insert a pending event into the outbox (inside the caller's transaction, if any) and wake the relay
+        once it is committed."""
         await self.outbox.insert_one(event, session=session)
+        self._announce_after(session)
+
+    async def record_many(self, events: list[dict], session=None) -> None:
+        await self.outbox.insert_many(events, session=session)
+        self._announce_after(session)
 
     async def read(self, after: int, limit: int = 500, user_id: str | None = None) -> list[dict]:
         query: dict = {"seq": {"$gt": after}}
@@ -90,9 +134,13 @@ class EventLog:
         return [public_event(d) for d in await cursor.to_list(limit)]
 
     async def latest_seq(self) -> int:
-        doc = await self.events.find_one({}, {"seq": 1}, sort=[("seq", -1)])
         meta = await self.meta.find_one({"_id": "relay"}, {"last_seq": 1})
-        return max(doc["seq"] if doc else 0, (meta or {}).get("last_seq", 0))
+        return max(await self.tail_seq(), (meta or {}).get("last_seq", 0))
+
+    async def tail_seq(self) -> int:
+        """The highest seq in ``events`` (0 when empty)."""
+        doc = await self.events.find_one({}, {"seq": 1}, sort=[("seq", -1)])
+        return doc["seq"] if doc else 0
 
     async def oldest_seq(self) -> int:
         doc = await self.events.find_one({}, {"seq": 1}, sort=[("seq", 1)])
@@ -109,63 +157,113 @@ class EventLog:
         """Return when an event past ``after`` may exist (or after ``timeout``)."""
         if self.last_seen > after:
             return
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+        self._waiters += 1
+        if self._waiters == 1:
+            self._watch_check.set()
+        try:
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._waiters -= 1
+            self._last_waiting = asyncio.get_running_loop().time()
 
-    async def watch(self, stop: asyncio.Event) -> None:
-        """Wake local waiters when another instance's relay numbers events (change stream + poll)."""
+    def saw_foreign_numbering(self) -> None:
+        """Another process numbers events of this log: local readers need the change stream for a while."""
+        self._foreign_until = asyncio.get_running_loop().time() + FOREIGN_WATCH_SECONDS
+        self._watch_check.set()
+
+    def watch_wanted(self) -> bool:
+        """Readers wait here (or did a moment ago: a reader between two reads) while another process numbers."""
+        now = asyncio.get_running_loop().time()
+        return now < self._foreign_until and (self._waiters > 0 or now - self._last_waiting < 10.0)
+
+    async def watch(self, stop: asyncio.Event, max_await_ms: int = 2000) -> None:
+        """Wake local waiters when another process's relay numbers events: a change stream, open only while
+        it is wanted (``watch_wanted``)."""
         while not stop.is_set():
+            self._watch_check.clear()
+            if not self.watch_wanted():
+                await _first(stop, self._watch_check, None)
+                continue
             try:
                 async with self.events.watch([{"$match": {"operationType": "insert"}}],
-                                             max_await_time_ms=500) as stream:
-                    while not stop.is_set():
+                                             max_await_time_ms=max_await_ms) as stream:
+                    while not stop.is_set() and self.watch_wanted():
                         change = await stream.try_next()
                         if change is not None:
-                            await self.notify(change["fullDocument"]["seq"])
+                            seq = change["fullDocument"]["seq"]
+                            if seq > self.last_seen:  # not ours (our relay notifies before the stream tells)
+                                self.saw_foreign_numbering()
+                            await self.notify(seq)
             except asyncio.CancelledError:
                 raise
             except pymongo.errors.PyMongoError as exc:
                 log.debug("event watch interrupted: %s", exc)
-                try:
-                    await asyncio.wait_for(stop.wait(), 1.0)
-                except asyncio.TimeoutError:
-                    pass
+                await _first(stop, None, 1.0)
                 try:
                     await self.notify(await self.latest_seq())
                 except pymongo.errors.PyMongoError:
                     pass
 
 
+async def _first(stop: asyncio.Event, other: asyncio.Event | None, timeout: float | None) -> None:
+    """Wait until ``stop`` or ``other`` is set, or ``timeout`` seconds passed."""
+    waits = [asyncio.ensure_future(stop.wait())]
+    if other is not None:
+        waits.append(asyncio.ensure_future(other.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 class Relay:
     """Moves pending events into the numbered log; one lease holder per service at a time."""
 
-    def __init__(self, log_: EventLog, embedded: list[EmbeddedSource] | None = None, batch: int = 500):
+    BLOCKED_RETRY = 0.5  # seconds: our events wait for another process's relay; look again this soon
+
+    def __init__(self, log_: EventLog, embedded: list[EmbeddedSource] | None = None, batch: int = 500,
+                 fallback: float = FALLBACK_SECONDS, coalesce: float = 0.002):
         self.log = log_
-        self.embedded = embedded or []
+        for source in embedded or []:
+            log_.add_source(source)
         self.batch = batch
+        self.fallback = fallback
+        self.coalesce = coalesce  # after a wake-up, let the writes of the same moment join the pass
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{ObjectId()}"
-        self._kick = asyncio.Event()
         self._next_seq: int | None = None
         self._lease_until: datetime.datetime | None = None
+        self.blocked = False  # events are waiting but another process holds the lease
         self.moved = 0
 
     def kick(self) -> None:
-        """Called after a local write that recorded an event, so it is moved at once."""
-        self._kick.set()
+        """Kept for callers that still wake the relay by hand: the same as ``EventLog.announce``."""
+        self.log.announce()
 
     def forget_lease(self) -> None:
         """Re-check the lease in the database on the next pass (instead of trusting our copy)."""
         self._lease_until = None
 
     async def _hold_lease(self) -> bool:
-        """Hold the relay lease, renewing it (one write) only once half of it has passed. The renewal also
-        records the last seq handed out, so numbering survives even after every event has expired."""
+        """Hold the relay lease: take it when free (a read, then one write) or renew it (one write) once half
+        of it has passed. The write also records the last seq handed out, so numbering survives even after
+        every event has expired."""
         now = utcnow()
-        if self._lease_until is not None and now < self._lease_until - datetime.timedelta(seconds=LEASE_SECONDS / 2):
+        half = datetime.timedelta(seconds=LEASE_SECONDS / 2)
+        if self._lease_until is not None and now < self._lease_until - half:
             return True
+        holding = self._lease_until is not None and now < self._lease_until
+        if not holding:
+            current = await self.log.meta.find_one({"_id": "relay"}, {"owner": 1, "lease_until": 1})
+            if current is not None and current.get("owner") != self.owner and current["lease_until"] > now:
+                self._next_seq = None
+                self.log.saw_foreign_numbering()
+                return False
+            self._next_seq = None  # someone may have numbered since we last held it: re-read the tail
         update: dict = {"$set": {"owner": self.owner, "lease_until": now + datetime.timedelta(seconds=LEASE_SECONDS)}}
         if self._next_seq is not None and self._next_seq > 1:
             update["$max"] = {"last_seq": self._next_seq - 1}
@@ -179,22 +277,39 @@ class Relay:
             # another relay holds it (the embedded server may answer null instead of a duplicate key)
             self._next_seq = None
             self._lease_until = None
+            self.log.saw_foreign_numbering()
             return False
         self._lease_until = doc["lease_until"]
         if self._next_seq is None:
             self._next_seq = max(await self.log.latest_seq(), doc.get("last_seq", 0)) + 1
+            if self._next_seq - 1 > self.log.last_seen:
+                await self.log.notify(self._next_seq - 1)
         return True
 
+    async def release(self) -> None:
+        """Give the lease up (a process that stops), so another instance or our successor numbers at once."""
+        if self._lease_until is None or utcnow() >= self._lease_until:
+            return
+        update: dict = {"$set": {"lease_until": utcnow()}}
+        if self._next_seq is not None and self._next_seq > 1:
+            update["$max"] = {"last_seq": self._next_seq - 1}
+        await self.log.meta.update_one({"_id": "relay", "owner": self.owner}, update)
+        self._lease_until = None
+
     async def run_once(self) -> int:
-        """Move one batch; returns how many events were numbered."""
-        if not await self._hold_lease():
-            return 0
+        """Move one batch; returns how many events were numbered. Looks (reads only) before it takes the
+        lease, so a pass with nothing to move writes nothing."""
         pending = await self.log.outbox.find({}).sort("_id", 1).limit(self.batch).to_list(self.batch)
         items: list[tuple[dict, Callable[[], Awaitable[Any]] | None]] = [(p, None) for p in pending]
-        for source in self.embedded:
+        for source in self.log.sources:
             items.extend(await source(self.batch))
         if not items:
+            self.blocked = False
             return 0
+        if not await self._hold_lease():
+            self.blocked = True
+            return 0
+        self.blocked = False
         sources = [str(ev["_id"]) for ev, _ in items]
         done = {d["source"] for d in await self.log.events.find(
             {"source": {"$in": sources}}, {"source": 1}).to_list(None)}
@@ -217,6 +332,7 @@ class Relay:
                 log.warning("relay fenced after %d events; re-reading the log tail", inserted)
                 self._next_seq = None
                 self._lease_until = None
+                self.blocked = True  # look again soon: the events are still waiting
                 if inserted:
                     await self.log.notify(docs[inserted - 1]["seq"])
                 return inserted
@@ -232,8 +348,21 @@ class Relay:
             await self.log.notify(docs[-1]["seq"])
         return len(docs)
 
-    async def run(self, stop: asyncio.Event, idle: float = 0.25) -> None:
+    async def look_around(self) -> None:
+        """The fallback pass's look at the log's tail: events numbered by another process wake local
+        readers, and tell the event log a change stream is worth opening."""
+        tail = await self.log.tail_seq()
+        if tail > self.log.last_seen:
+            self.log.saw_foreign_numbering()
+            await self.log.notify(tail)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            self.log.last_seen = max(self.log.last_seen, await self.log.latest_seq())
+        except pymongo.errors.PyMongoError as exc:
+            log.warning("relay start: %s", exc)
         while not stop.is_set():
+            self.log.written.clear()  # before the pass: what is written during it wakes the next one
             try:
                 moved = await self.run_once()
             except asyncio.CancelledError:
@@ -242,12 +371,18 @@ class Relay:
                 log.warning("relay pass failed: %s", exc)
                 self._next_seq = None
                 self._lease_until = None
-                moved = 0
-                await asyncio.sleep(1.0)
+                await _first(stop, None, 1.0)
+                continue
             if moved:
                 continue
-            self._kick.clear()
-            try:
-                await asyncio.wait_for(self._kick.wait(), idle)
-            except asyncio.TimeoutError:
-                pass
+            await _first(stop, self.log.written, self.BLOCKED_RETRY if self.blocked else self.fallback)
+            if stop.is_set():
+                break
+            if self.log.written.is_set():
+                if self.coalesce:
+                    await asyncio.sleep(self.coalesce)
+            elif not self.blocked:
+                try:
+                    await self.look_around()
+                except pymongo.errors.PyMongoError as exc:
+                    log.debug("relay look-around failed: %s", exc)

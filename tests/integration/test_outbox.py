@@ -57,7 +57,7 @@ async def test_concurrent_writers_and_two_relays_number_every_event_once_without
     name = "outbox_" + uuid.uuid4().hex[:10]
     db_a, log_a = await fresh_log(mongodb_uri, name)
     db_b, log_b = await fresh_log(mongodb_uri, name)  # another instance of the service: its own client
-    relays = [Relay(log_a, batch=25), Relay(log_b, batch=25)]
+    relays = [Relay(log_a, batch=25, fallback=0.02), Relay(log_b, batch=25, fallback=0.02)]
     stop = asyncio.Event()
     recorded: list[str] = []
     tickets = iter(range(TRANSACTIONS))
@@ -85,7 +85,8 @@ async def test_concurrent_writers_and_two_relays_number_every_event_once_without
             else:
                 holders = [relays[turn % 2]]
                 await log_a.meta.update_one({"_id": "relay"}, {"$set": {
-                    "owner": holders[0].owner, "lease_until": utcnow() + datetime.timedelta(seconds=5)}})
+                    "owner": holders[0].owner, "lease_until": utcnow() + datetime.timedelta(seconds=5)}},
+                    upsert=True)  # the first turn too: the other relay would keep a lease it took first
             # a relay trusts its lease until half of it has passed; a stolen lease is noticed at the next
             # renewal (the seq index fences it meanwhile). Make both notice now, so both get turns.
             for relay in relays:
@@ -111,7 +112,7 @@ async def test_concurrent_writers_and_two_relays_number_every_event_once_without
             after = seqs[-1] if seqs else after
             await asyncio.sleep(0.002)
 
-    running = [asyncio.ensure_future(r.run(stop, idle=0.02)) for r in relays]
+    running = [asyncio.ensure_future(r.run(stop)) for r in relays]
     thief = asyncio.ensure_future(lease_thief())
     reading = asyncio.ensure_future(reader())
     try:
@@ -258,3 +259,72 @@ async def test_a_waiter_wakes_when_the_relay_numbers_an_event(mongodb_uri):
     finally:
         await db.client.drop_database(name)
         db.close()
+
+
+async def server_ops(db: Database) -> dict:
+    """The server's operation counters (reads and writes; not commands such as this one)."""
+    status = await db.client.admin.command("serverStatus")
+    return {k: status["opcounters"].get(k, 0) for k in ("query", "getmore", "insert", "update", "delete")}
+
+
+async def numbered(log: EventLog, seq: int, deadline: float) -> None:
+    """Wait (at most ``deadline`` seconds) until the log has numbered ``seq``."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + deadline
+    while log.last_seen < seq:
+        assert loop.time() < until, f"seq {seq} not numbered within {deadline}s (last {log.last_seen})"
+        await log.wait(log.last_seen, 0.5)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_relay_that_stops_releases_its_lease_so_another_numbers_at_once(mongodb_uri):
+    name = "outbox_" + uuid.uuid4().hex[:10]
+    db, log = await fresh_log(mongodb_uri, name)
+    try:
+        stopping, successor = Relay(log), Relay(log)
+        await log.record(new_event("book.created", {"isbn": "a"}))
+        assert await stopping.run_once() == 1
+        await log.record(new_event("book.created", {"isbn": "b"}))
+        assert await successor.run_once() == 0  # the lease is held for a while yet
+        await stopping.release()
+        assert await successor.run_once() == 1  # no waiting it out
+        assert [(e["seq"], e["data"]["isbn"]) for e in await log.read(0, 10)] == [(1, "a"), (2, "b")]
+        await stopping.release()  # not ours any more: changes nothing
+        await log.record(new_event("book.created", {"isbn": "c"}))
+        assert await successor.run_once() == 1
+    finally:
+        await db.client.drop_database(name)
+        db.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_readers_of_another_process_are_woken_by_a_change_stream_only_when_one_is_needed(mongodb_uri):
+    name = "outbox_" + uuid.uuid4().hex[:10]
+    db_a, log_a = await fresh_log(mongodb_uri, name)
+    db_b, log_b = await fresh_log(mongodb_uri, name)  # another instance: readers here, numbering over there
+    numbering, looking = Relay(log_a), Relay(log_b, fallback=1.0)
+    stop = asyncio.Event()
+    tasks = [asyncio.ensure_future(t)
+             for t in (numbering.run(stop), looking.run(stop), log_a.watch(stop), log_b.watch(stop))]
+    try:
+        reader_a = asyncio.ensure_future(numbered(log_a, 1, 10))
+        reader_b = asyncio.ensure_future(numbered(log_b, 1, 10))
+        await asyncio.sleep(0.1)  # both readers wait
+        assert not log_a.watch_wanted() and not log_b.watch_wanted()  # one process so far: no stream
+        await log_a.record(new_event("book.created", {"isbn": "a"}))
+        await reader_a
+        await reader_b  # the other instance's fallback look saw it ...
+        assert not log_a.watch_wanted()  # ... the numbering process never needs a stream
+        assert log_b.watch_wanted()  # ... and from now on its readers have one
+        looking.fallback = 60.0  # no look-around in time for the next event: only the stream can wake B
+        looking.kick()  # (its current wait ends now, the next one lasts the new fallback)
+        reader_b = asyncio.ensure_future(numbered(log_b, 2, 10))
+        await asyncio.sleep(0.5)  # the stream is open, the reader waits
+        await log_a.record(new_event("book.created", {"isbn": "b"}))
+        await reader_b
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await db_a.client.drop_database(name)
+        db_a.close()
+        db_b.close()
