@@ -116,9 +116,19 @@ class LoadGen:
         self.placed: list[str] = []
 
     # -- set-up --------------------------------------------------------------------------------------
+    async def _shed(self, client: ShopClient, route: str, path: str, body: dict, ok: int) -> tuple[int, Any]:
+        """POST, retried while the users service sheds a flood of password hashes (503) or registrations
+        (429): a load test's many sign-ups at once are exactly such a flood."""
+        for _ in range(30):
+            status, reply = await client.call(route, "POST", path, body, expect=(ok, 429, 503), count=False)
+            if status not in (0, 429, 503):
+                return status, reply
+            await asyncio.sleep(0.5 + self.random.random())
+        return status, reply
+
     async def _login(self, client: ShopClient, email: str, password: str) -> str:
-        status, body = await client.call("POST /tokens", "POST", "/tokens", {"email": email, "password": password},
-                                         count=False)
+        status, body = await self._shed(client, "POST /tokens", "/tokens", {"email": email, "password": password},
+                                        200)
         if status != 200:
             raise RuntimeError(f"cannot log in as {email}: {status} {body}")
         return body["access_token"]
@@ -149,11 +159,11 @@ class LoadGen:
     async def _customer(self, session: aiohttp.ClientSession) -> ShopClient:
         client = ShopClient(session, self.base, self.stats)
         email = f"load-{uuid.uuid4().hex[:16]}@example.com"
-        status, body = await client.call("POST /users", "POST", "/users",
-                                         {"email": email, "password": "load-test-password", "name": "Load tester"},
-                                         expect=(201,))
+        status, body = await self._shed(client, "POST /users", "/users", {
+            "email": email, "password": "load-test-password", "name": "Load tester"}, 201)
         if status != 201:
-            raise RuntimeError(f"cannot register a shopper: {status} {body}")
+            raise RuntimeError(f"cannot register a shopper: {status} {body} (for a big load test, "
+                               "BOOKSHOP_REGISTRATION_LIMIT=0 lifts the limit per client address)")
         self.customer_ids.add(body["id"])
         client.token = await self._login(client, email, "load-test-password")
         return client
