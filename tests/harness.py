@@ -102,7 +102,7 @@ class Shop:
             self.wait_ready(*(services or SERVICES))
         return self
 
-    def wait_ready(self, *services: str, timeout: float = 30.0) -> None:
+    def wait_ready(self, *services: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         for name in services or SERVICES:
             while True:
