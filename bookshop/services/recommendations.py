@@ -252,7 +252,6 @@ def item(book: dict, reason: str) -> dict:
 
 # -- reads ----------------------------------------------------------------------------------------------------
 class Catalog(Protocol):
-    async def book(self, isbn: str) -> dict | None: ...
     async def books(self, isbns: list[str]) -> dict[str, dict]: ...
     async def newest(self, category: str, limit: int) -> list[dict]: ...
 
@@ -274,12 +273,15 @@ class Recommender:
         return await self.store.held_books(customer) if customer else []
 
     async def for_book(self, isbn: str, customer: str | None = None) -> list[dict]:
-        book, lists, held = await asyncio.gather(self.catalog.book(isbn), self.store.partners_of([isbn]),
-                                                 self._held(customer))
+        lists, held = await asyncio.gather(self.store.partners_of([isbn]), self._held(customer))
+        exclude = set(held) | {isbn}
+        ranked = ranked_partners(lists.values(), exclude)
+        # the book itself comes with its first candidates: one catalog call where two would do
+        on_sale = await self.catalog.books([isbn] + ranked[:self._chunk])
+        book = on_sale.get(isbn)
         if book is None:
             raise errors.NotFound("no such book", code="book_not_found")
-        exclude = set(held) | {isbn}
-        return await self._fill(ranked_partners(lists.values(), exclude), [book["category"]], exclude)
+        return await self._fill(ranked, [book["category"]], exclude, on_sale)
 
     async def for_customer(self, customer: str) -> list[dict]:
         held = await self.store.held_books(customer)
@@ -295,19 +297,24 @@ class Recommender:
         # enough of them to still have ``limit`` after the exclusions (an indexed read of a few books)
         return await self.catalog.newest(category, min(100, self.limit + skip))
 
-    async def _fill(self, ranked: list[str], categories: list[str], exclude: set[str]) -> list[dict]:
+    @property
+    def _chunk(self) -> int:
+        return 3 * self.limit  # candidates checked for being on sale at a time
+
+    async def _fill(self, ranked: list[str], categories: list[str], exclude: set[str],
+                    on_sale: dict[str, dict] | None = None) -> list[dict]:
         picks: list[dict] = []
         chosen: set[str] = set()
         newest: list[dict] | None = None
-        chunk = 3 * self.limit
-        for start in range(0, len(ranked), chunk):
-            candidates = ranked[start:start + chunk]
-            if start == 0 and len(candidates) < self.limit and categories:
-                # not enough to fill the list whatever is on sale: ask for the category's books meanwhile
-                on_sale, newest = await asyncio.gather(self.catalog.books(candidates),
-                                                       self._newest(categories[0], len(exclude) + len(candidates)))
-            else:
-                on_sale = await self.catalog.books(candidates)
+        for start in range(0, len(ranked), self._chunk):
+            candidates = ranked[start:start + self._chunk]
+            if start > 0 or on_sale is None:
+                if start == 0 and len(candidates) < self.limit and categories:
+                    # not enough to fill the list whatever is on sale: ask for the category's books meanwhile
+                    on_sale, newest = await asyncio.gather(
+                        self.catalog.books(candidates), self._newest(categories[0], len(exclude) + len(candidates)))
+                else:
+                    on_sale = await self.catalog.books(candidates)
             for isbn in candidates:
                 if isbn in on_sale and len(picks) < self.limit:
                     picks.append(item(on_sale[isbn], "bought_together"))
@@ -319,8 +326,7 @@ class Recommender:
                 break
             if n > 0 or newest is None:
                 newest = await self._newest(category, len(exclude) + len(chosen))
-            books = newest
-            for book in books:
+            for book in newest:
                 if book["isbn"] not in exclude and book["isbn"] not in chosen and len(picks) < self.limit:
                     picks.append(item(book, "same_category"))
                     chosen.add(book["isbn"])
@@ -384,7 +390,7 @@ class Learner:
     ``seq`` it continues, so two that both thought they held it cannot both apply an event."""
 
     def __init__(self, store: Store, purchases: Purchases, follow: Follow, *, owner: str, metrics=None,
-                 batch: int = 500, lease_seconds: float = 6.0, page: int = 500):
+                 batch: int = 500, lease_seconds: float = 6.0, page: int = 500, linger: float = 0.1):
         self.store = store
         self.purchases = purchases
         self.follow = follow
@@ -393,6 +399,7 @@ class Learner:
         self.batch = batch
         self.lease_seconds = lease_seconds
         self.page = page
+        self.linger = linger
         self.state = StreamState()
         self.applied = 0
         self.following = asyncio.Event()
@@ -487,6 +494,10 @@ class Learner:
                 if not await self._renew():
                     return
                 continue
+            if frames.empty() and first is not _END and self.linger:
+                # a moment for more to arrive: a batch writes each list it touches once, whatever the
+                # number of its events that touch it
+                await asyncio.sleep(self.linger)
             batch = [first]
             while len(batch) < self.batch and not frames.empty():
                 batch.append(frames.get_nowait())

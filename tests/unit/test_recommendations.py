@@ -493,10 +493,6 @@ class FakeCatalog:
         self.by_isbn = {b["isbn"]: b for b in books}
         self.calls: list[str] = []
 
-    async def book(self, isbn):
-        self.calls.append("book")
-        return self.by_isbn.get(isbn)
-
     async def books(self, isbns):
         self.calls.append("books")
         assert 1 <= len(isbns) <= 200
@@ -536,7 +532,7 @@ async def test_a_reader_of_a_book_gets_what_was_bought_with_it_then_its_category
         (B, "bought_together"), (C, "bought_together"), ("9790000000001", "same_category"),
         ("9790000000002", "same_category"), ("9790000000003", "same_category")]
     assert set(items[0]) == {"isbn", "title", "authors", "category", "price_cents", "currency", "reason"}
-    assert catalog.calls == ["book", "books", "newest"]
+    assert catalog.calls == ["books", "newest"]  # the book itself comes with its partners
 
 
 @pytest.mark.gen_test
@@ -560,7 +556,7 @@ async def test_a_book_with_many_partners_fills_the_list_from_them_alone():
     catalog = FakeCatalog(shelf())
     items = await rec.Recommender(catalog, store_with({A: partners})).for_book(A)
     assert [i["reason"] for i in items] == ["bought_together"] * 5
-    assert catalog.calls == ["book", "books"]
+    assert catalog.calls == ["books"]
 
 
 @pytest.mark.gen_test
@@ -573,3 +569,15 @@ async def test_personal_lists_sum_over_the_caller_s_books_then_fill_from_their_c
         (C, "bought_together"), (B, "bought_together"), ("9790000000002", "same_category"),
         ("9790000000003", "same_category"), ("9790000000004", "same_category")]
     assert await rec.Recommender(catalog, store).for_customer("nobody") == []
+
+
+@pytest.mark.gen_test
+async def test_partners_no_longer_on_sale_are_skipped_a_chunk_at_a_time():
+    gone = {f"9791000000{n:03d}": 40 - n for n in range(15)}  # ranked first, all off sale
+    on_sale = [book(f"9792000000{n:03d}", "art") for n in range(3)]
+    catalog = FakeCatalog(shelf() + on_sale)
+    partners = {**gone, **{b["isbn"]: 5 for b in on_sale}}
+    items = await rec.Recommender(catalog, store_with({A: partners})).for_book(A)
+    assert [i["isbn"] for i in items[:3]] == [b["isbn"] for b in on_sale]
+    assert [i["reason"] for i in items] == ["bought_together"] * 3 + ["same_category"] * 2
+    assert catalog.calls == ["books", "books", "newest"]
