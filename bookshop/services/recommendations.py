@@ -442,7 +442,11 @@ class Learner:
                 pass
 
     async def release(self) -> None:
-        await self.store.release_lease(self.owner)
+        """Give the lease up (on shutdown), so the next instance, or this one restarted, follows at once."""
+        try:
+            await self.store.release_lease(self.owner)
+        except Exception as exc:  # noqa: BLE001 - shutting down regardless; the lease then runs out by itself
+            log.warning("could not release the follower lease: %s", exc)
 
     async def _renew(self) -> bool:
         return await self.store.take_lease(self.owner, self.lease_seconds)

@@ -581,3 +581,13 @@ async def test_partners_no_longer_on_sale_are_skipped_a_chunk_at_a_time():
     assert [i["isbn"] for i in items[:3]] == [b["isbn"] for b in on_sale]
     assert [i["reason"] for i in items] == ["bought_together"] * 3 + ["same_category"] * 2
     assert catalog.calls == ["books", "books", "newest"]
+
+
+@pytest.mark.gen_test
+async def test_releasing_the_lease_on_shutdown_survives_a_database_that_is_gone():
+    store, orders = FakeStore(), FakeOrders()
+
+    async def down(owner):
+        raise errors.Unavailable("database down")
+    store.release_lease = down
+    await learner(store, orders).release()  # logged, not raised
