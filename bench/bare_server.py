@@ -3,10 +3,12 @@
     python bench/bare_server.py --port N
 
 ``GET /json`` answers ``{"ok": true}``: the cheapest JSON handler Tornado can serve, against which the
-Bookshop routes are measured. ``GET /healthz`` gives the pid. ``/ws`` and ``POST /broadcast`` are the
-WebSocket fan-out baseline: a client subscribes with ``{"op": "subscribe", ...}``, and each broadcast
-answers ``{"on_hand": N}`` and then sends every client an event frame shaped like Bookshop's
-``stock.changed`` (so clients parse the same bytes), straight from a set of handlers with no queue.
+Bookshop routes are measured. With ``--document FILE``, ``GET /doc`` answers that file's bytes as JSON (the
+same document a Bookshop route serves, so that only the work around it differs). ``GET /healthz`` gives
+the pid. ``/ws`` and ``POST /broadcast`` are the WebSocket fan-out baseline: a client subscribes with
+``{"op": "subscribe", ...}``, and each broadcast answers ``{"on_hand": N}`` and then sends every client an
+event frame shaped like Bookshop's ``stock.changed`` (so clients parse the same bytes), straight from a set of
+handlers with no queue.
 """
 import _bootstrap  # noqa: F401  (must come first: takes bench/ off sys.path)
 
@@ -27,6 +29,15 @@ class JsonHandler(tornado.web.RequestHandler):
     def get(self):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(b'{"ok": true}')
+
+
+class DocumentHandler(tornado.web.RequestHandler):
+    def initialize(self, document: bytes):
+        self.document = document
+
+    def get(self):
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(self.document)
 
 
 class HealthHandler(tornado.web.RequestHandler):
@@ -86,12 +97,13 @@ class BroadcastHandler(tornado.web.RequestHandler):
                 pass
 
 
-async def main(port: int, ping_interval: float) -> None:
+async def main(port: int, ping_interval: float, document: bytes) -> None:
     hub = Hub()
     settings = {"websocket_max_message_size": 64 * 1024}
     if ping_interval:
         settings.update(websocket_ping_interval=ping_interval, websocket_ping_timeout=ping_interval * 1.5)
     app = tornado.web.Application([
+        ("/doc", DocumentHandler, {"document": document}),
         ("/json", JsonHandler),
         ("/healthz", HealthHandler),
         ("/ws", SocketHandler, {"hub": hub}),
@@ -112,5 +124,10 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ping-interval", type=float, default=0.0,
                         help="WebSocket keep-alive pings every N s, as the gateway does (default: none)")
+    parser.add_argument("--document", help="a file whose bytes GET /doc answers")
     args = parser.parse_args()
-    asyncio.run(main(args.port, args.ping_interval))
+    document = b"{}"
+    if args.document:
+        with open(args.document, "rb") as fh:
+            document = fh.read()
+    asyncio.run(main(args.port, args.ping_interval, document))

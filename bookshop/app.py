@@ -36,6 +36,7 @@ class ServiceContext:
         self.metrics = Metrics(name)
         self.http = Http()
         self.metrics.registry.register(UpstreamStates(name, self.http))
+        self.metrics.registry.register(UpstreamStates(name, self.http))
         self.db: Database | None = None
         if with_db:
             uri = settings.mongodb_uri or "mongodb://127.0.0.1:27017"
@@ -114,6 +115,9 @@ class ServiceContext:
             self.db.close()
 
 
+access_log = logging.getLogger("bookshop.access")
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's log_function: metrics by route pattern and status, and one JSON access line."""
     ctx = getattr(handler, "ctx", None)
@@ -124,13 +128,15 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         ctx.metrics.observe(handler.request.method, route, status, seconds)
     level = logging.WARNING if status >= 500 else logging.DEBUG if route in ("/healthz", "/metrics") \
         else logging.INFO
-    logging.getLogger("bookshop.access").log(level, "%s %s %d %.1fms", handler.request.method, route, status,
-                                             seconds * 1000.0)
+    access_log.log(level, "%s %s %d %.1fms", handler.request.method, route, status, seconds * 1000.0)
 
 
 def make_app(ctx: ServiceContext, routes: list[tuple], **settings) -> tornado.web.Application:
-    """A Tornado application: the common routes, the service's own, a JSON 404 for the rest."""
-    specs = [
+    """A Tornado application: the service's own routes, the common ones, a JSON 404 for the rest.
+
+    Tornado tries the patterns in order, each a regular expression match, for every request: the service's
+    routes come first (and each service lists its busiest first); the common ones overlap none of them."""
+    specs = list(routes) + [
         ("/healthz", common.HealthHandler),
         ("/readyz", common.ReadyHandler),
         ("/metrics", common.MetricsHandler),
@@ -138,7 +144,6 @@ def make_app(ctx: ServiceContext, routes: list[tuple], **settings) -> tornado.we
     if ctx.event_log is not None:
         specs += [("/internal/events", common.EventsHandler),
                   ("/internal/events/ws", common.EventStreamSocket)]
-    specs += routes
     rules = []
     for spec in specs:
         pattern, handler = spec[0], spec[1]
@@ -159,6 +164,7 @@ async def build(name: str, settings: Settings) -> tuple[ServiceContext, tornado.
 async def serve(name: str, settings: Settings, port: int, ready: Callable[[], None] | None = None) -> None:
     """Run one service until SIGTERM/SIGINT, then shut down gracefully."""
     started = time.monotonic()
+    tracing.setup(name, settings.traces_exporters)
     tracing.setup(name, settings.traces_exporters)
     ctx, app = await build(name, settings)
     server = tornado.httpserver.HTTPServer(app, xheaders=False, max_body_size=64 * 1024 * 1024,

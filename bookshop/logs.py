@@ -12,7 +12,7 @@ from opentelemetry import trace
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 service_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("service", default=None)
 
-_encoder = json.JSONEncoder(default=str)  # json.dumps(..., default=str) would build one per line
+_quote = json.encoder.encode_basestring_ascii  # a JSON string literal, as json.dumps writes it (C)
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,21 +34,24 @@ class JsonFormatter(logging.Formatter):
         return f"{self._prefix}.{millis:03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "at": self._at(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "service": getattr(record, "service", None) or service_var.get(),
-            "request_id": getattr(record, "request_id", None) or request_id_var.get(),
-        }
+        # put together by hand: json.dumps would build an encoder for each line (this runs for every request)
+        out = ['{"at": "', self._at(record.created), '", "level": ', _quote(record.levelname.lower()),
+               ', "logger": ', _quote(record.name)]
+        service = getattr(record, "service", None) or service_var.get()
+        if service is not None:
+            out += (', "service": ', _quote(str(service)))
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        if request_id is not None:
+            out += (', "request_id": ', _quote(str(request_id)))
         span = trace.get_current_span().get_span_context()
         if span.is_valid:
-            entry["trace_id"] = format(span.trace_id, "032x")
-            entry["span_id"] = format(span.span_id, "016x")
-        entry["msg"] = record.getMessage()
+            out += (', "trace_id": "', format(span.trace_id, "032x"), '", "span_id": "', format(span.span_id, "016x"),
+                    '"')
+        out += (', "msg": ', _quote(record.getMessage()))
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return _encoder.encode({k: v for k, v in entry.items() if v is not None})
+            out += (', "exc": ', _quote(self.formatException(record.exc_info)))
+        out.append("}")
+        return "".join(out)
 
 
 def setup_logging(service: str, level: str = "INFO", stream=None) -> None:

@@ -136,9 +136,11 @@ def recording() -> bool:
 
 # -- requests, calls, background work ----------------------------------------------------------------------
 def _propagator_fields() -> frozenset[str]:
+    """The headers the propagators read, as given and as Tornado's ``HTTPHeaders`` spells them."""
     fields = _state.fields
     if fields is None:
-        fields = _state.fields = frozenset(propagate.get_global_textmap().fields)
+        names = propagate.get_global_textmap().fields
+        fields = _state.fields = frozenset(names) | {"-".join(w.capitalize() for w in n.split("-")) for n in names}
     return fields
 
 
@@ -148,7 +150,7 @@ def start_request(headers, method: str, route: str, path: str) -> trace.Span:
     ``headers`` is the request's (any mapping with a case-insensitive ``get``); without trace headers the
     span starts a new trace."""
     parent = None
-    if any(field in headers for field in _propagator_fields()):
+    if not _propagator_fields().isdisjoint(headers):  # one pass over the header names, no lookups
         parent = propagate.extract(headers)
     if _state.recording:
         span = _state.tracer.start_span(f"{method} {route_name(route)}", parent, SpanKind.SERVER, {
