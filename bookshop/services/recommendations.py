@@ -479,7 +479,7 @@ class Learner:
             hello = await asyncio.wait_for(frames.get(), 10.0)
             if hello.get("type") != "hello":
                 return "failed"
-            reason = "asked for" if after is None else rebuild_reason(self.state, hello)
+            reason = "never built, or asked for" if after is None else rebuild_reason(self.state, hello)
             if reason is not None:
                 await self.rebuild(hello, reason)
                 return "rebuilt"  # and follow from the rebuild's point, on a new connection

@@ -181,10 +181,16 @@ async def test_the_book_page_shows_the_same_list(shop):
         a = await api.new_book(staff, stock=20, category=tag())
         b = await api.new_book(staff, stock=20, category=tag())
         same = await api.new_book(staff, category=(await api.get(f"/books/{a}")).body["category"])
+        direct = api.as_(None)
+        direct.base = shop.url("recommendations") + "/api/v1"
+        before = int((await direct.get("/recommendations", params={"isbn": a})).headers["X-Orders-Seq"])
         await buy(await api.customer(), a, b)
         await becomes(api, a, [(b, "bought_together"), (same, "same_category")])
         page = (await api.get(f"/books/{a}")).body
         assert listed(page["recommendations"]) == [(b, "bought_together"), (same, "same_category")]
+        # how far into the orders stream the answer's counts had got: what a cache needs to tell it is fresh
+        after = int((await direct.get("/recommendations", params={"isbn": a})).headers["X-Orders-Seq"])
+        assert after > before >= 0
 
 
 # -- the store, against the real database ----------------------------------------------------------------------
