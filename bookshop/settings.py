@@ -36,6 +36,8 @@ class Settings:
     checkout_wait: float = 5.0
     # a saga not finished by its owner within this many seconds is picked up by recovery
     saga_lease: float = 10.0
+    # checkouts one orders process runs at once; as many more may wait, beyond that POST /orders is 503
+    checkout_concurrency: int = 32
     # generous: under a checkout rush the embedded database makes reservations slow, not failed
     upstream_timeout: float = 10.0
     payments_latency_ms: int = 0
@@ -133,6 +135,7 @@ class Settings:
         text("BOOKSHOP_LOG_LEVEL", "log_level")
         number("BOOKSHOP_CHECKOUT_WAIT", "checkout_wait", 0.1, 60)
         number("BOOKSHOP_SAGA_LEASE", "saga_lease", 1, 3600)
+        integer("BOOKSHOP_CHECKOUT_CONCURRENCY", "checkout_concurrency", 1, 10000)
         number("BOOKSHOP_UPSTREAM_TIMEOUT", "upstream_timeout", 0.1, 60)
         integer("BOOKSHOP_PAYMENTS_LATENCY_MS", "payments_latency_ms", 0, 60000)
         number("BOOKSHOP_PAYMENTS_FAILURE_RATE", "payments_failure_rate", 0, 1)

@@ -127,37 +127,32 @@ async def _orders(ctx: ServiceContext) -> list:
     from bookshop.handlers import orders
     from bookshop.services.catalog import CursorCodec
     from bookshop.services.checkout import Checkout
-    from bookshop.storage.orders import CartRepo, IdempotencyRepo, OrderRepo
+    from bookshop.storage.orders import CartRepo, OrderRepo
     from bookshop.storage.outbox import utcnow
     if not ctx.settings.service_secret:
         raise SettingsError("BOOKSHOP_SERVICE_SECRET is not set: orders signs its paging cursors and "
                             "idempotency fingerprints with it")
     ctx.use_remote_keys()
     ctx.use_event_log()
-    await ctx.event_log.create_indexes()
+    # orders embed their pending events; the repository announces each write that adds one to the relay
     repo = OrderRepo(ctx.db, ctx.event_log)
-    idem = IdempotencyRepo(ctx.db)
+    ctx.event_log.add_source(repo.pending_events)
+    await ctx.event_log.create_indexes()
     await repo.create_indexes()
-    await idem.create_indexes()
+    await repo.convert_legacy()  # a data directory written by the version with idempotency records and transactions
     catalog = _client(ctx, clients.CatalogClient, "catalog")
     inventory = _client(ctx, clients.InventoryClient, "inventory")
     payments = _client(ctx, clients.PaymentsClient, "payments", failure_threshold=3, recovery_timeout=3.0)
     checkout = Checkout(repo, catalog, inventory, payments, ctx.settings.currency, ctx.settings.saga_lease,
-                        metrics=ctx.metrics, kick=ctx.relay.kick, now=utcnow)
-    sagas: set = set()
-    ctx.deps.update(orders=repo, carts=CartRepo(ctx.db), idempotency=idem, catalog=catalog, inventory=inventory,
-                    payments=payments, checkout=checkout, sagas=sagas,
-                    cursors=CursorCodec(ctx.settings.service_secret))
+                        metrics=ctx.metrics, now=utcnow, concurrency=ctx.settings.checkout_concurrency)
+    ctx.deps.update(orders=repo, carts=CartRepo(ctx.db), catalog=catalog, inventory=inventory,
+                    payments=payments, checkout=checkout, cursors=CursorCodec(ctx.settings.service_secret))
+    # the recovery pass also sets the gauge saga_recovery_backlog (deploy/monitoring): no query of its own
     ctx.spawn(checkout.recover_forever(ctx.stop), "saga recovery")
 
-    async def measure_backlog():
-        # open orders whose owner's lease ran out: recovery's work still to do (at most 100; deploy/monitoring)
-        ctx.metrics.gauge("saga_recovery_backlog", len(await repo.unfinished()))
-    ctx.spawn(_every(ctx, 5.0, measure_backlog, "recovery backlog"), "recovery backlog")
-
     async def finish_sagas():
-        if sagas:
-            await asyncio.wait(list(sagas), timeout=3.0)
+        if checkout.tasks:
+            await asyncio.wait(list(checkout.tasks.values()), timeout=3.0)
     ctx.on_shutdown.insert(0, finish_sagas)
     return orders.routes()
 

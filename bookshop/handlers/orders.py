@@ -12,11 +12,10 @@ from bookshop.handlers.catalog import ISBN
 from bookshop.handlers.common import int_arg
 from bookshop.services import cards, errors
 from bookshop.services.catalog import page_limit
-from bookshop.services.checkout import PlaceOrder, request_fingerprint
+from bookshop.services.checkout import RETRYABLE, DuplicateRequest, PlaceOrder, first_answer, request_fingerprint
 from bookshop.services.isbn import normalize_isbn
 from bookshop.services.orders import OrderStatus, merge_lines, price, qualifies_for_promotion
 from bookshop.storage.orders import new_order_id, order_view
-from bookshop.storage.outbox import utcnow
 from bookshop.validation import StrictModel
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ async def price_cart(ctx, user_id: str) -> dict:
     if gone:  # books that left sale leave carts too
         await carts.drop(user_id, gone)
         lines = [(isbn, q) for isbn, q in lines if isbn in books]
-    promo = qualifies_for_promotion(lines) and not await ctx.deps["orders"].promotion_claimed(user_id)
+    promo = qualifies_for_promotion(lines) and await ctx.deps["checkout"].promotion_available(user_id)
     priced = price(lines, books, currency, promo) if lines else None
     if priced is None:
         return {"items": [], "subtotal_cents": 0, "discount_cents": 0, "total_cents": 0, "currency": currency}
@@ -142,30 +141,32 @@ class OrdersHandler(BaseHandler):
                                       code="idempotency_key_required", details={"field": "Idempotency-Key"})
         body = self.json_body(NewOrder)
         fingerprint = request_fingerprint(self.json_body(), self.ctx.settings.service_secret)
-        idem = self.ctx.deps["idempotency"]
+        checkout = self.ctx.deps["checkout"]
+        # a duplicate of a request this process is still answering waits for that answer (no database work)
+        ident = (principal.sub, key)
+        first = checkout.requests.get(ident)
+        if first is not None:
+            await asyncio.wait([first], timeout=self.ctx.settings.checkout_wait + 5)
         # a replay is answered before the command is built: it must not depend on the cart as it is now
         # (a confirmed from_cart order has emptied it)
-        existing = await idem.get(principal.sub, key)
+        existing = await self.ctx.deps["orders"].by_key(principal.sub, key)
         if existing is not None:
             await self.replay(existing, principal.sub, key, fingerprint)
             return
-        cmd = await self.command(principal.sub, body)
-        order_id = new_order_id()
-        existing = await idem.begin(principal.sub, key, fingerprint, order_id)
-        if existing is not None:
-            await self.replay(existing, principal.sub, key, fingerprint)
-            return
+        mine = asyncio.get_running_loop().create_future()
+        checkout.requests.setdefault(ident, mine)
         try:
-            status, payload = await self.place(order_id, cmd)
-        except Exception:
-            # an unexpected failure (a 500) is not an answer to replay: free the key for a retry
-            await idem.forget(principal.sub, key)
-            raise
-        if status < 500 and status != 429:
-            await idem.finish(principal.sub, key, status, payload)
-        else:
-            await idem.forget(principal.sub, key)
-        self.send(status, payload)
+            cmd = await self.command(principal.sub, body)
+            try:
+                status, payload = await self.place(new_order_id(), cmd, key, fingerprint)
+            except DuplicateRequest:  # a concurrent request with this key (in another process) got there first
+                await self.replay(None, principal.sub, key, fingerprint)
+                return
+            self.send(status, payload)
+        finally:
+            if checkout.requests.get(ident) is mine:
+                del checkout.requests[ident]
+            mine.set_result(None)
 
     async def command(self, user_id: str, body: NewOrder) -> PlaceOrder:
         if (body.items is None) == (not body.from_cart):
@@ -190,59 +191,77 @@ class OrdersHandler(BaseHandler):
                           card={**card.model_dump(), "card_number": number},
                           expected_total_cents=body.expected_total_cents, from_cart=bool(body.from_cart))
 
-    async def place(self, order_id: str, cmd: PlaceOrder) -> tuple[int, dict]:
-        """Run the saga; answer 201 if it ends in time, 202 PENDING if it is still running."""
+    async def place(self, order_id: str, cmd: PlaceOrder, key: str, fingerprint: str) -> tuple[int, dict]:
+        """Run the saga; answer 201 if it ends in time, 202 PENDING if it is still running. The answer is
+        recorded in the order (see ``first_answer``), except a 5xx, which frees the key for a retry."""
         checkout = self.ctx.deps["checkout"]
+        orders = self.ctx.deps["orders"]
+        wait = self.ctx.settings.checkout_wait
         try:
-            order = await checkout.create(order_id, cmd)
-        except errors.DomainError as exc:
-            return status_of(exc), error_body(exc.code, exc.message, self.request_id, exc.details)
-        task = asyncio.ensure_future(checkout.run(order, cmd.card))
-        self.ctx.deps["sagas"].add(task)
-        task.add_done_callback(self.ctx.deps["sagas"].discard)
-        task.add_done_callback(_saga_done)
+            order, task = await checkout.place(order_id, cmd, key, fingerprint, wait=wait)
+        except errors.DomainError as exc:  # nothing was made: not an answer to remember
+            return self.refusal(exc)
         try:
-            done = await asyncio.wait_for(asyncio.shield(task), self.ctx.settings.checkout_wait)
-            return order_answer(done, self.request_id)
+            doc = await asyncio.wait_for(asyncio.shield(task), wait)
         except asyncio.TimeoutError:
-            current = await self.ctx.deps["orders"].get(order_id)
-            return 202, order_view(current)
-        except errors.DomainError as exc:
-            details = dict(exc.details or {})
-            details.setdefault("order_id", order_id)
-            if exc.retry_after:
-                self.set_header("Retry-After", str(exc.retry_after))
-            return status_of(exc), error_body(exc.code, exc.message, self.request_id, details)
+            doc = None
+        except errors.Unavailable as exc:  # cancelled, and its key freed: the client may retry with it
+            return self.refusal(exc, order_id)
+        except errors.DomainError:  # the cancellation that stands for this error is recorded in the order
+            doc = await orders.get(order_id)
+        except Exception:
+            await orders.release_key(order_id)  # a 500 is not an answer to replay
+            raise
+        if doc is None or doc["status"] == OrderStatus.PENDING.value:
+            if await orders.record_pending_answer(order_id):
+                return 202, order_view(order)
+            doc = await orders.get(order_id)  # decided meanwhile: that is the answer
+        return order_answer(first_answer(doc), self.request_id)
 
-    async def replay(self, record: dict, user_id: str, key: str, fingerprint: str) -> None:
-        if not hmac.compare_digest(record["fingerprint"], fingerprint):
-            raise errors.IdempotencyMismatch()
-        idem = self.ctx.deps["idempotency"]
-        deadline = asyncio.get_running_loop().time() + self.ctx.settings.checkout_wait + 5
-        while record is not None and record.get("response") is None:
-            if asyncio.get_running_loop().time() > deadline:
-                order = await self.ctx.deps["orders"].get(record["order_id"])
-                age = (utcnow() - record["created_at"]).total_seconds()
-                abandoned = age > self.ctx.settings.checkout_wait + self.ctx.settings.saga_lease + 5
-                if order is None:
-                    if abandoned:  # its request died before creating the order: the key is free again
-                        await idem.forget(user_id, key)
-                        raise errors.Conflict("the first request with this key failed; retry",
-                                              code="request_failed", retry_after=1)
+    def refusal(self, exc: errors.DomainError, order_id: str | None = None) -> tuple[int, dict]:
+        details = dict(exc.details or {})
+        if order_id is not None:
+            details.setdefault("order_id", order_id)
+        if exc.retry_after:
+            self.set_header("Retry-After", str(exc.retry_after))
+        return status_of(exc), error_body(exc.code, exc.message, self.request_id, details or None)
+
+    async def replay(self, found: dict | None, user_id: str, key: str, fingerprint: str) -> None:
+        """Answer a repeated key with its first answer, waiting (a while) for it if the first request is
+        still running. ``found`` is the key's order (None: it is being created by a concurrent request)."""
+        orders = self.ctx.deps["orders"]
+        checkout = self.ctx.deps["checkout"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ctx.settings.checkout_wait + 5
+        doc, seen = found, found is not None
+        while True:
+            if doc is not None:
+                seen = True
+                idem = doc.get("idem") or {}
+                if idem.get("fp") is not None and not hmac.compare_digest(idem["fp"], fingerprint):
+                    raise errors.IdempotencyMismatch()
+                if idem.get("legacy") is not None:  # an answer stored verbatim by an earlier version
+                    self.send(idem["legacy"]["status"], idem["legacy"]["body"])
+                    return
+                if idem.get("answer") is not None:
+                    self.send(*order_answer(first_answer(doc), self.request_id))
+                    return
+            elif seen:  # the first request failed with a 5xx and freed the key: the client may retry
+                raise errors.Conflict("the first request with this key failed; retry", code="request_failed",
+                                      retry_after=1)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                if doc is None:
                     raise errors.Conflict("the first request with this key is still running",
                                           code="request_in_progress", retry_after=1)
-                status, body = order_answer(order, self.request_id)
-                if abandoned and status != 202:
-                    # its request died; recovery has decided the order since: that is the answer now
-                    await idem.finish(user_id, key, status, body)
-                self.send(status, body)
+                self.send(*order_answer(doc, self.request_id))  # its request died: the order as it stands
                 return
-            await asyncio.sleep(0.05)
-            record = await idem.get(user_id, key)
-        if record is None:  # the first attempt failed with a 5xx and may be retried
-            raise errors.Conflict("the first request with this key failed; retry", code="request_failed",
-                                  retry_after=1)
-        self.send(record["response"]["status"], record["response"]["body"])
+            task = checkout.task_of(doc["_id"]) if doc is not None else None
+            if task is not None:
+                await asyncio.wait([task], timeout=remaining)
+            else:  # the first request runs in another process (or is just finishing): look again shortly
+                await asyncio.sleep(min(0.1, remaining))
+            doc = await orders.by_key(user_id, key)
 
     def send(self, status: int, payload: dict) -> None:
         if status in (503, 429) and not self._headers.get("Retry-After"):
@@ -259,22 +278,22 @@ def order_answer(order: dict, request_id: str) -> tuple[int, dict]:
     if status == OrderStatus.PENDING.value:
         return 202, order_view(order)
     reason = order["history"][-1].get("reason")
+    outcome = order.get("outcome") or {}
     details = {"order_id": order["_id"]}
     if reason == "payment_declined":
-        return 402, error_body("payment_declined", "the card was declined", request_id, details)
-    if reason in ("out_of_stock", "reservation_expired"):
-        return 409, error_body("out_of_stock", "not enough stock", request_id, {**details, "items": []})
+        return 402, error_body("payment_declined", "the card was declined", request_id,
+                               {**details, "reason": outcome.get("reason")})
+    if reason == "out_of_stock":
+        return 409, error_body("out_of_stock", "not enough stock", request_id,
+                               {**details, "items": outcome.get("items", [])})
+    if reason == "reservation_expired":
+        return 409, error_body("out_of_stock", "the stock reservation expired", request_id, {**details, "items": []})
+    if reason in RETRYABLE:
+        return 503, error_body("service_unavailable", f"the checkout could not finish ({reason}); retry",
+                               request_id, details)
+    if reason == "checkout_interrupted":
+        return 409, error_body("checkout_interrupted", "checkout interrupted; retry", request_id, details)
     return 409, error_body("order_cancelled", f"the order was cancelled ({reason})", request_id, details)
-
-
-def _saga_done(task: asyncio.Future) -> None:
-    """Collect the outcome of a saga that finished after its request was answered 202 (else asyncio
-    reports "exception was never retrieved"); a domain error there is an expected outcome, not a fault."""
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None and not isinstance(exc, errors.DomainError):
-        log.error("checkout saga failed", exc_info=exc)
 
 
 async def visible_order(handler: BaseHandler, order_id: str) -> dict:
@@ -324,6 +343,22 @@ class RecentOrdersHandler(BaseHandler):
         self.write_json({"items": [order_view(d) for d in docs], "seq": seq})
 
 
+class PurchasesHandler(BaseHandler):
+    """``GET /internal/orders/purchases?after=&limit=`` (service): confirmed and shipped orders with their lines,
+    a page at a time by order id; ``next_after`` is None on the last page."""
+
+    async def get(self):
+        self.require("service")
+        after = self.get_query_argument("after", None)
+        if after is not None and not re.fullmatch(r"[0-9a-f]{24}", after):
+            raise errors.InvalidInput("after: an order id", code="invalid_field", details={"field": "after"})
+        limit = int_arg(self, "limit", 500, 1, 1000)
+        docs = await self.ctx.deps["orders"].purchases(after, limit)
+        items = [{"id": d["_id"], "user_id": d["user_id"], "status": d["status"],
+                  "lines": [{"isbn": i["isbn"], "quantity": i["quantity"]} for i in d["items"]]} for d in docs]
+        self.write_json({"items": items, "next_after": docs[-1]["_id"] if len(docs) == limit else None})
+
+
 class PurchasedHandler(BaseHandler):
     async def get(self, user_id):
         self.require("service")
@@ -340,5 +375,6 @@ def routes() -> list[tuple]:
         (rf"/api/v1/orders/{_ORDER_ID}/ship", ShipHandler),
         (rf"/api/v1/orders/{_ORDER_ID}/payments", PaymentsLedgerHandler),
         (r"/internal/orders/recent", RecentOrdersHandler),
+        (r"/internal/orders/purchases", PurchasesHandler),
         (r"/internal/users/([A-Za-z0-9_:-]{1,64})/purchased", PurchasedHandler),
     ]

@@ -1,8 +1,20 @@
-"""The orders service's collections: orders (with their saga state), carts, promotion claims and
-idempotency records."""
+"""The orders service's collections: orders (with their saga state, idempotency key and pending events), carts
+and promotion claims.
+
+Every change of an order is ONE conditional single-document write that also appends the event describing it
+to the order's ``pending`` array (an aggregation-pipeline update, as inventory's level documents do); the relay
+moves those events into the numbered log (``pending_events``). No per-order path uses a multi-document
+transaction, so a process killed at any point leaves no lock behind: recovery can take its orders at once.
+
+The ``Idempotency-Key`` a customer sent lives in the order it created (``idem``: key, fingerprint, and the
+first answer as the number of history entries it showed), so one insert claims the key and stores the order;
+a unique index on ``(user_id, idem.key)`` makes exactly one of any number of concurrent duplicates win.
+"""
 from __future__ import annotations
 
 import datetime
+import logging
+import re
 
 import pymongo
 from bson import ObjectId
@@ -10,6 +22,16 @@ from bson import ObjectId
 from bookshop.services.orders import OrderStatus
 from bookshop.storage.mongo import DuplicateKeyError
 from bookshop.storage.outbox import EventLog, new_event, utcnow
+
+log = logging.getLogger(__name__)
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+SCHEMA_VERSION = 2  # 1: idempotency records of their own, transactions; 2: folded into the orders
+_NOT_PENDING = {"pending": 0}
+
+
+def _lit(value):
+    return {"$literal": value}
 
 
 def iso(value: datetime.datetime | None) -> str | None:
@@ -28,10 +50,13 @@ def order_view(doc: dict) -> dict:
     }
 
 
-def event_data(doc: dict, **extra) -> dict:
-    data = {"id": doc["_id"], "user_id": doc["user_id"], "status": doc["status"],
+def event_data(doc: dict, status: str | None = None, **extra) -> dict:
+    """An order event's data, from the order's fields that never change after it was created."""
+    data = {"id": doc["_id"], "user_id": doc["user_id"], "status": status or doc["status"],
             "total_cents": doc["total_cents"], "currency": doc["currency"],
-            "items": sum(i["quantity"] for i in doc["items"]), "created_at": iso(doc["created_at"])}
+            "items": sum(i["quantity"] for i in doc["items"]),
+            "lines": [{"isbn": i["isbn"], "quantity": i["quantity"]} for i in doc["items"]],
+            "created_at": iso(doc["created_at"])}
     data.update(extra)
     return data
 
@@ -40,23 +65,43 @@ def new_order_id() -> str:
     return str(ObjectId())
 
 
+def _append(field: str, value) -> dict:
+    return {"$concatArrays": [{"$ifNull": [f"${field}", []]}, [_lit(value)]]}
+
+
 class OrderRepo:
-    def __init__(self, database, events: EventLog):
+    """Orders, their events (embedded until the relay moves them), carts' ordered lines and promotion claims.
+
+    ``wake`` is called after every write that embedded an event (the relay moves it at once); by default the
+    event log's ``announce``.
+    """
+
+    def __init__(self, database, events: EventLog | None = None, wake=None):
         self.database = database
         self.orders = database["orders"]
         self.promotions = database["promotions"]
         self.carts = database["carts"]
+        self.meta = database["meta"]
         self.events = events
+        self.wake = wake or (events.announce if events is not None else (lambda: None))
 
     async def create_indexes(self) -> None:
         await self.orders.create_index([("user_id", 1), ("_id", -1)])
         await self.orders.create_index([("status", 1), ("_id", -1)])
         await self.orders.create_index([("saga_lease", 1)], partialFilterExpression={"open": True})
+        await self.orders.create_index([("owner", 1)], partialFilterExpression={"open": True})
         await self.orders.create_index([("user_id", 1), ("items.isbn", 1)])
+        await self.orders.create_index([("user_id", 1), ("idem.key", 1)], unique=True, name="idempotency_key",
+                                       partialFilterExpression={"idem.key": {"$exists": True}})
+        await self.orders.create_index("pending.at")
 
     # -- reads --------------------------------------------------------------------------------------
     async def get(self, order_id: str) -> dict | None:
-        return await self.orders.find_one({"_id": order_id})
+        return await self.orders.find_one({"_id": order_id}, _NOT_PENDING)
+
+    async def by_key(self, user_id: str, key: str) -> dict | None:
+        """The order a customer's Idempotency-Key created, if any."""
+        return await self.orders.find_one({"user_id": user_id, "idem.key": key}, _NOT_PENDING)
 
     async def page(self, user_id: str | None, status: str | None, before: str | None, limit: int) -> list[dict]:
         query: dict = {}
@@ -70,7 +115,7 @@ class OrderRepo:
                 hint = [("status", 1), ("_id", -1)]
         if before is not None:
             query["_id"] = {"$lt": before}
-        cursor = self.orders.find(query).sort("_id", -1).hint(hint).limit(limit)
+        cursor = self.orders.find(query, {"pending": 0, "idem": 0}).sort("_id", -1).hint(hint).limit(limit)
         return await cursor.to_list(limit)
 
     async def purchased(self, user_id: str) -> list[str]:
@@ -78,98 +123,206 @@ class OrderRepo:
                                       {"items.isbn": 1}).to_list(1000)
         return sorted({i["isbn"] for d in docs for i in d["items"]})
 
-    async def promotion_claimed(self, user_id: str) -> bool:
-        return await self.promotions.count_documents({"_id": user_id}, limit=1) > 0
-
-    # -- writes -------------------------------------------------------------------------------------
-    async def create(self, doc: dict, claim_promotion: bool) -> bool:
-        """Insert a PENDING order with its order.created event (and its promotion claim, when it takes
-        the promotion), atomically. False when the promotion was claimed by another order meanwhile."""
-        async def work(session):
-            if claim_promotion:
-                await self.promotions.insert_one({"_id": doc["user_id"], "order_id": doc["_id"], "at": utcnow()},
-                                                 session=session)
-            await self.orders.insert_one(doc, session=session)
-            await self.events.record(new_event("order.created", event_data(doc), doc["user_id"]), session=session)
-            return True
-        try:
-            return await self.database.transaction(work)
-        except DuplicateKeyError:
-            return False
-
-    async def transition(self, order_id: str, from_status: list[OrderStatus], to: OrderStatus, *,
-                         reason: str | None = None, set_fields: dict | None = None, todo: list[str] | None = None,
-                         release_promotion: bool = False, clear_cart: bool = False,
-                         by: str = "system") -> dict | None:
-        """Move an order to ``to`` if it is in ``from_status``, with its order.status_changed event, in one
-        transaction. Returns the updated order, or None if it was not in one of those statuses."""
-        now = utcnow()
-        entry = {"status": to.value, "at": now, "by": by}
-        if reason:
-            entry["reason"] = reason
-        fields = {"status": to.value, "updated_at": now, **(set_fields or {})}
-        if to is not OrderStatus.PENDING:
-            fields["open"] = False
-        update: dict = {"$set": fields, "$push": {"history": entry}}
-        if todo:
-            update["$addToSet"] = {"todo": {"$each": todo}}
-            fields["open"] = True
-
-        async def work(session):
-            doc = await self.orders.find_one_and_update(
-                {"_id": order_id, "status": {"$in": [s.value for s in from_status]}}, update,
-                return_document=pymongo.ReturnDocument.AFTER, session=session)
-            if doc is None:
-                return None
-            extra = {"reason": reason} if reason else {}
-            await self.events.record(new_event("order.status_changed", event_data(doc, **extra), doc["user_id"]),
-                                     session=session)
-            if release_promotion and doc.get("promotion_applied"):
-                await self.promotions.delete_one({"_id": doc["user_id"], "order_id": order_id}, session=session)
-            if clear_cart:
-                await self.carts.update_one({"_id": doc["user_id"]}, without_lines(doc["items"]), session=session)
-            return doc
-        return await self.database.transaction(work)
-
-    async def done_todo(self, order_id: str, item: str, set_fields: dict | None = None) -> dict | None:
-        update: dict = {"$pull": {"todo": item}}
-        if set_fields:
-            update["$set"] = set_fields
-        doc = await self.orders.find_one_and_update({"_id": order_id}, update,
-                                                    return_document=pymongo.ReturnDocument.AFTER)
-        if doc is not None and not doc.get("todo") and doc["status"] != OrderStatus.PENDING.value:
-            await self.orders.update_one({"_id": order_id, "todo": {"$size": 0}}, {"$set": {"open": False}})
-        return doc
-
-    async def take_lease(self, order_id: str, seconds: float) -> dict | None:
-        """Take over an order whose owner's lease ran out. Done in a transaction: the embedded server
-        clears a transaction abandoned by a killed process (which may still lock this very order) only
-        when another transaction arrives, and a plain write would wait on that lock."""
-        async def work(session):
-            now = utcnow()
-            return await self.orders.find_one_and_update(
-                {"_id": order_id, "open": True, "saga_lease": {"$lt": now}},
-                {"$set": {"saga_lease": now + datetime.timedelta(seconds=seconds)}},
-                return_document=pymongo.ReturnDocument.AFTER, session=session)
-        return await self.database.transaction(work)
-
-    async def unfinished(self, limit: int = 100) -> list[dict]:
-        """Open orders (saga or compensation left to do) whose owner's lease ran out."""
-        cursor = self.orders.find({"open": True, "saga_lease": {"$lt": utcnow()}}).limit(limit)
-        return await cursor.to_list(limit)
-
     async def recent(self, user_id: str | None, limit: int) -> list[dict]:
         return await self.page(user_id, None, None, limit)
 
+    async def purchases(self, after: str | None, limit: int) -> list[dict]:
+        """Confirmed and shipped orders by id, after the order ``after`` (for followers rebuilding from orders)."""
+        query: dict = {"status": {"$in": [OrderStatus.CONFIRMED.value, OrderStatus.SHIPPED.value]}}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        cursor = self.orders.find(query, {"user_id": 1, "status": 1, "items.isbn": 1, "items.quantity": 1})
+        return await cursor.sort("_id", 1).hint("_id_").limit(limit).to_list(limit)
 
-def without_lines(lines: list[dict]) -> list[dict]:
-    """A pipeline update taking an order's lines (their quantities) out of a cart; lines the customer added or
-    raised meanwhile keep what was not ordered."""
-    ordered = {"$switch": {"branches": [{"case": {"$eq": ["$$line.isbn", {"$literal": line["isbn"]}]},
-                                         "then": line["quantity"]} for line in lines], "default": 0}}
-    left = {"$map": {"input": {"$ifNull": ["$items", []]}, "as": "line",
-                     "in": {"isbn": "$$line.isbn", "quantity": {"$subtract": ["$$line.quantity", ordered]}}}}
-    return [{"$set": {"items": {"$filter": {"input": left, "as": "line", "cond": {"$gt": ["$$line.quantity", 0]}}}}}]
+    # -- the promotion claim ------------------------------------------------------------------------------
+    async def promotion_holder(self, user_id: str) -> dict | None:
+        """The customer's promotion claim ``{order_id, key, at}``, or None."""
+        return await self.promotions.find_one({"_id": user_id})
+
+    async def claim_promotion(self, user_id: str, order_id: str, key: str | None) -> bool:
+        """Claim the customer's promotion for an order about to be created (one conditional insert)."""
+        try:
+            await self.promotions.insert_one({"_id": user_id, "order_id": order_id, "key": key, "at": utcnow()})
+            return True
+        except DuplicateKeyError:
+            return False
+
+    async def release_promotion(self, user_id: str, order_id: str) -> None:
+        """Give the promotion back, if that order holds it."""
+        await self.promotions.delete_one({"_id": user_id, "order_id": order_id})
+
+    # -- writes -------------------------------------------------------------------------------------
+    async def insert(self, doc: dict) -> bool:
+        """Store a new PENDING order with its order.created event (and its Idempotency-Key, when ``doc`` has
+        ``idem``): one insert. False when the customer's key already belongs to another order."""
+        doc = {**doc, "pending": [new_event("order.created", event_data(doc), doc["user_id"])]}
+        try:
+            await self.orders.insert_one(doc)
+        except DuplicateKeyError:
+            return False
+        self.wake()
+        return True
+
+    async def transition(self, order: dict, from_status: list[OrderStatus], to: OrderStatus, *, by: str,
+                         reason: str | None = None, payment_status: str | None = None,
+                         todo: list[str] | None = None, outcome: dict | None = None,
+                         release_key: bool = False) -> dict | None:
+        """Move an order to ``to`` if it is in one of ``from_status``: one conditional update that appends the
+        history entry and the order.status_changed event, adds ``todo`` (work still owed: the order stays
+        ``open`` until it is done) and records the order's first answer if none was given yet.
+        ``release_key`` frees its Idempotency-Key instead, unless an answer was already given (a 5xx is
+        not an answer: the client may retry with the same key). ``outcome`` keeps what the answer tells beyond
+        the order (the short items, a decline's reason). Returns the updated order, or None."""
+        now = utcnow()
+        entry = {"status": to.value, "at": now, "by": by}
+        extra = {}
+        if reason:
+            entry["reason"] = extra["reason"] = reason
+        event = new_event("order.status_changed", event_data(order, to.value, **extra), order["user_id"])
+        todo_now: dict = {"$ifNull": ["$todo", []]}
+        if todo:
+            todo_now = {"$setUnion": [todo_now, _lit(todo)]}
+        fields: dict = {"status": _lit(to.value), "updated_at": _lit(now), "history": _append("history", entry),
+                        "pending": _append("pending", event), "todo": todo_now}
+        if payment_status:
+            fields["payment"] = {"$mergeObjects": ["$payment", {"status": _lit(payment_status)}]}
+        if outcome:
+            fields["outcome"] = _lit(outcome)
+        answered = {"$mergeObjects": ["$idem", {"answer": {"$ifNull": ["$idem.answer", {"$size": "$history"}]}}]}
+        if release_key:
+            answered = {"$cond": [{"$eq": [{"$ifNull": ["$idem.answer", None]}, None]}, "$$REMOVE", answered]}
+        pipeline = [
+            {"$set": fields},
+            {"$set": {"open": {"$gt": [{"$size": "$todo"}, 0]},
+                      "idem": {"$cond": [{"$eq": [{"$type": "$idem"}, "object"]}, answered, "$$REMOVE"]}}},
+        ]
+        doc = await self.orders.find_one_and_update(
+            {"_id": order["_id"], "status": {"$in": [s.value for s in from_status]}}, pipeline,
+            projection=_NOT_PENDING, return_document=pymongo.ReturnDocument.AFTER)
+        if doc is not None:
+            self.wake()
+        return doc
+
+    async def done_todo(self, order_id: str, item: str, payment_status: str | None = None) -> dict | None:
+        """One piece of owed work is done; the order closes when nothing is left."""
+        fields: dict = {"todo": {"$filter": {"input": {"$ifNull": ["$todo", []]}, "as": "t",
+                                             "cond": {"$ne": ["$$t", _lit(item)]}}}}
+        if payment_status:
+            fields["payment"] = {"$mergeObjects": ["$payment", {"status": _lit(payment_status)}]}
+        pipeline = [{"$set": fields},
+                    {"$set": {"open": {"$or": [{"$eq": ["$status", OrderStatus.PENDING.value]},
+                                               {"$gt": [{"$size": "$todo"}, 0]}]}}}]
+        return await self.orders.find_one_and_update({"_id": order_id}, pipeline, projection=_NOT_PENDING,
+                                                     return_document=pymongo.ReturnDocument.AFTER)
+
+    async def record_pending_answer(self, order_id: str) -> bool:
+        """Record that the order's first answer is ``202 PENDING`` (its one history entry), unless its saga
+        decided first. True when that is now the answer."""
+        result = await self.orders.update_one(
+            {"_id": order_id, "status": OrderStatus.PENDING.value, "idem.key": {"$exists": True},
+             "idem.answer": None}, {"$set": {"idem.answer": 1}})
+        return result.matched_count == 1
+
+    async def release_key(self, order_id: str) -> None:
+        """Free an order's Idempotency-Key when no answer was given (the request failed with a 500)."""
+        await self.orders.update_one({"_id": order_id, "idem.answer": None}, {"$unset": {"idem": ""}})
+
+    async def take_lines(self, user_id: str, order_id: str, lines: list[dict]) -> None:
+        """Take a confirmed order's lines (their quantities) out of its customer's cart, once per order: lines
+        raised or added while the checkout ran keep what was not ordered."""
+        ordered = {"$switch": {"branches": [{"case": {"$eq": ["$$line.isbn", _lit(line["isbn"])]},
+                                             "then": line["quantity"]} for line in lines], "default": 0}}
+        left = {"$map": {"input": {"$ifNull": ["$items", []]}, "as": "line",
+                         "in": {"isbn": "$$line.isbn", "quantity": {"$subtract": ["$$line.quantity", ordered]}}}}
+        await self.carts.update_one(
+            {"_id": user_id, "taken": {"$ne": order_id}},
+            [{"$set": {"items": {"$filter": {"input": left, "as": "line", "cond": {"$gt": ["$$line.quantity", 0]}}},
+                       "taken": {"$slice": [_append("taken", order_id), -20]}}}])
+
+    # -- leases and recovery -----------------------------------------------------------------------------------
+    async def take_lease(self, order_id: str, seconds: float, owner: str, dead_owner: str | None = None
+                         ) -> dict | None:
+        """Take over an open order whose owner's lease ran out (or whose owner is known to be dead)."""
+        now = utcnow()
+        taken_from: dict = {"saga_lease": {"$lt": now}}
+        if dead_owner is not None:
+            taken_from = {"$or": [taken_from, {"owner": dead_owner}]}
+        return await self.orders.find_one_and_update(
+            {"_id": order_id, "open": True, **taken_from},
+            {"$set": {"saga_lease": now + datetime.timedelta(seconds=seconds), "owner": owner}},
+            projection=_NOT_PENDING, return_document=pymongo.ReturnDocument.AFTER)
+
+    async def renew_leases(self, order_ids: list[str], seconds: float, owner: str) -> None:
+        """Extend the leases of sagas this process is still running (one write for all of them)."""
+        await self.orders.update_many(
+            {"_id": {"$in": order_ids}, "open": True, "owner": owner},
+            {"$set": {"saga_lease": utcnow() + datetime.timedelta(seconds=seconds)}})
+
+    async def unfinished(self, limit: int = 100) -> list[dict]:
+        """Open orders (saga or compensation left to do) whose owner's lease ran out."""
+        cursor = self.orders.find({"open": True, "saga_lease": {"$lt": utcnow()}},
+                                  {"_id": 1, "owner": 1}).limit(limit)
+        return await cursor.to_list(limit)
+
+    async def open_owned_by(self, prefix: str, limit: int = 1000) -> list[dict]:
+        """Open orders whose owner's identity starts with ``prefix`` (this host's earlier processes)."""
+        cursor = self.orders.find({"open": True, "owner": {"$regex": "^" + re.escape(prefix)}},
+                                  {"_id": 1, "owner": 1}).limit(limit)
+        return await cursor.to_list(limit)
+
+    # -- the relay's embedded source ---------------------------------------------------------------------------
+    async def pending_events(self, limit: int):
+        """Pending events of orders, in each order's own order; one acknowledgement (one write) pulls them all
+        out of their documents once they are numbered."""
+        docs = await self.orders.find({"pending.at": {"$gte": _EPOCH}}, {"pending": 1}).limit(limit).to_list(limit)
+        items = [(pending, None) for doc in docs for pending in doc["pending"]]
+        if not items:
+            return []
+        order_ids = [doc["_id"] for doc in docs]
+        event_ids = [pending["_id"] for pending, _ in items]
+
+        async def ack():
+            await self.orders.update_many({"_id": {"$in": order_ids}},
+                                          {"$pull": {"pending": {"_id": {"$in": event_ids}}}})
+        items[-1] = (items[-1][0], ack)
+        return items
+
+    # -- data written by earlier versions ----------------------------------------------------------------------
+    async def convert_legacy(self) -> int:
+        """Bring a database written by the version with separate idempotency records up to date, once: each
+        record is folded into the order it created (its stored answer kept verbatim; its fingerprint, an HMAC
+        over the full card number and CVC, dropped), records without an order are dropped (their requests
+        made nothing), and cancelled orders that showed ``charged`` while their refund waited show
+        ``refund_pending``. Returns how many records were folded."""
+        if ((await self.meta.find_one({"_id": "orders_schema"})) or {}).get("version", 1) >= SCHEMA_VERSION:
+            return 0
+        records = self.database["idempotency"]
+        folded = 0
+        async for record in records.find({}):
+            user_id, _, key = record["_id"].partition(":")
+            order = await self.orders.find_one({"_id": record.get("order_id"), "user_id": user_id},
+                                               {"status": 1, "history": 1, "idem": 1})
+            if order is not None and "idem" not in order:
+                idem: dict = {"key": key, "fp": None, "answer": None}
+                if record.get("response") is not None:
+                    idem["legacy"] = record["response"]
+                elif order["status"] != OrderStatus.PENDING.value:  # its request died; the order was decided since
+                    idem["answer"] = 1 + next(i for i, h in enumerate(order["history"])
+                                              if h["status"] != OrderStatus.PENDING.value)
+                try:
+                    await self.orders.update_one({"_id": order["_id"], "idem": {"$exists": False}},
+                                                 {"$set": {"idem": idem}})
+                    folded += 1
+                except DuplicateKeyError:  # the key was used again since: the newer order keeps it
+                    pass
+            await records.delete_one({"_id": record["_id"]})
+        await self.orders.update_many(
+            {"status": OrderStatus.CANCELLED.value, "payment.status": "charged", "todo": "payment"},
+            {"$set": {"payment.status": "refund_pending"}})
+        await self.meta.update_one({"_id": "orders_schema"}, {"$set": {"version": SCHEMA_VERSION}}, upsert=True)
+        if folded:
+            log.info("folded %d idempotency records into their orders", folded)
+        return folded
 
 
 class CartRepo:
@@ -202,34 +355,3 @@ class CartRepo:
 
     async def drop(self, user_id: str, isbns: list[str]) -> None:
         await self.carts.update_one({"_id": user_id}, {"$pull": {"items": {"isbn": {"$in": isbns}}}})
-
-
-class IdempotencyRepo:
-    """One record per (customer, Idempotency-Key): the body's fingerprint, the order, and the first answer."""
-
-    def __init__(self, database):
-        self.records = database["idempotency"]
-
-    async def create_indexes(self) -> None:
-        await self.records.create_index("created_at", expireAfterSeconds=7 * 24 * 3600)
-
-    async def begin(self, user_id: str, key: str, fingerprint: str, order_id: str) -> dict | None:
-        """Claim the key for this request; returns the existing record when it was claimed before."""
-        doc = {"_id": f"{user_id}:{key}", "fingerprint": fingerprint, "order_id": order_id, "response": None,
-               "created_at": utcnow()}
-        try:
-            await self.records.insert_one(doc)
-            return None
-        except DuplicateKeyError:
-            existing = await self.records.find_one({"_id": doc["_id"]})
-            return existing or await self.begin(user_id, key, fingerprint, order_id)
-
-    async def get(self, user_id: str, key: str) -> dict | None:
-        return await self.records.find_one({"_id": f"{user_id}:{key}"})
-
-    async def finish(self, user_id: str, key: str, status: int, body: dict) -> None:
-        await self.records.update_one({"_id": f"{user_id}:{key}", "response": None},
-                                      {"$set": {"response": {"status": status, "body": body}}})
-
-    async def forget(self, user_id: str, key: str) -> None:
-        await self.records.delete_one({"_id": f"{user_id}:{key}", "response": None})

@@ -10,7 +10,7 @@ import datetime
 import pytest
 
 from bookshop.services import cards, errors
-from bookshop.services.checkout import Checkout, PlaceOrder
+from bookshop.services.checkout import Checkout, DuplicateRequest, PlaceOrder
 from bookshop.services.orders import OrderStatus
 
 A, B = "9780000000001", "9780000000002"
@@ -43,26 +43,46 @@ class FakeRepo:
     def __init__(self, clock: Clock):
         self.clock = clock
         self.orders: dict[str, dict] = {}
-        self.promotions: dict[str, str] = {}
-        self.cleared_carts: list[str] = []
+        self.promotions: dict[str, dict] = {}
+        self.carts: dict[str, list[dict]] = {}
+        self.writes = 0
 
     async def get(self, order_id):
         return copy.deepcopy(self.orders.get(order_id))
 
-    async def promotion_claimed(self, user_id):
-        return user_id in self.promotions
+    async def by_key(self, user_id, key):
+        for doc in self.orders.values():
+            if doc["user_id"] == user_id and (doc.get("idem") or {}).get("key") == key:
+                return copy.deepcopy(doc)
+        return None
 
-    async def create(self, doc, claim_promotion):
-        if claim_promotion:
-            if doc["user_id"] in self.promotions:
-                return False
-            self.promotions[doc["user_id"]] = doc["_id"]
+    async def promotion_holder(self, user_id):
+        return copy.deepcopy(self.promotions.get(user_id))
+
+    async def claim_promotion(self, user_id, order_id, key):
+        self.writes += 1
+        if user_id in self.promotions:
+            return False
+        self.promotions[user_id] = {"_id": user_id, "order_id": order_id, "key": key, "at": self.clock()}
+        return True
+
+    async def release_promotion(self, user_id, order_id):
+        self.writes += 1
+        if self.promotions.get(user_id, {}).get("order_id") == order_id:
+            del self.promotions[user_id]
+
+    async def insert(self, doc):
+        self.writes += 1
+        key = (doc.get("idem") or {}).get("key")
+        if key is not None and await self.by_key(doc["user_id"], key) is not None:
+            return False
         self.orders[doc["_id"]] = copy.deepcopy(doc)
         return True
 
-    async def transition(self, order_id, from_status, to, *, reason=None, set_fields=None, todo=None,
-                         release_promotion=False, clear_cart=False, by="system"):
-        doc = self.orders.get(order_id)
+    async def transition(self, order, from_status, to, *, by, reason=None, payment_status=None, todo=None,
+                         outcome=None, release_key=False):
+        self.writes += 1
+        doc = self.orders.get(order["_id"])
         if doc is None or doc["status"] not in [s.value for s in from_status]:
             return None
         entry = {"status": to.value, "at": self.clock(), "by": by}
@@ -70,36 +90,73 @@ class FakeRepo:
             entry["reason"] = reason
         doc["status"] = to.value
         doc["history"].append(entry)
-        for path, value in (set_fields or {}).items():
-            _set(doc, path, value)
-        doc["open"] = to is OrderStatus.PENDING
-        if todo:
-            doc["todo"] += [t for t in todo if t not in doc["todo"]]
-            doc["open"] = True
-        if release_promotion and doc["promotion_applied"] and self.promotions.get(doc["user_id"]) == order_id:
-            del self.promotions[doc["user_id"]]
-        if clear_cart:
-            self.cleared_carts.append(doc["user_id"])
+        if payment_status:
+            doc["payment"]["status"] = payment_status
+        if outcome:
+            doc["outcome"] = copy.deepcopy(outcome)
+        doc["todo"] += [t for t in todo or [] if t not in doc["todo"]]
+        doc["open"] = bool(doc["todo"])
+        if "idem" in doc:
+            if release_key and doc["idem"]["answer"] is None:
+                del doc["idem"]
+            elif doc["idem"]["answer"] is None:
+                doc["idem"]["answer"] = len(doc["history"])
         return copy.deepcopy(doc)
 
-    async def done_todo(self, order_id, item, set_fields=None):
+    async def done_todo(self, order_id, item, payment_status=None):
+        self.writes += 1
         doc = self.orders[order_id]
         doc["todo"] = [t for t in doc["todo"] if t != item]
-        for path, value in (set_fields or {}).items():
-            _set(doc, path, value)
-        if not doc["todo"] and doc["status"] != OrderStatus.PENDING.value:
-            doc["open"] = False
+        if payment_status:
+            doc["payment"]["status"] = payment_status
+        doc["open"] = bool(doc["todo"]) or doc["status"] == OrderStatus.PENDING.value
         return copy.deepcopy(doc)
 
-    async def take_lease(self, order_id, seconds):
+    async def record_pending_answer(self, order_id):
+        doc = self.orders[order_id]
+        if doc["status"] != "PENDING" or "idem" not in doc or doc["idem"]["answer"] is not None:
+            return False
+        self.writes += 1
+        doc["idem"]["answer"] = 1
+        return True
+
+    async def release_key(self, order_id):
         doc = self.orders.get(order_id)
-        if doc is None or not doc["open"] or not doc["saga_lease"] < self.clock():
+        if doc is not None and doc.get("idem", {}).get("answer", 0) is None:
+            del doc["idem"]
+
+    async def take_lines(self, user_id, order_id, lines):
+        self.writes += 1
+        cart = self.carts.get(user_id, [])
+        ordered = {line["isbn"]: line["quantity"] for line in lines}
+        self.carts[user_id] = [{"isbn": i["isbn"], "quantity": i["quantity"] - ordered.get(i["isbn"], 0)}
+                               for i in cart if i["quantity"] > ordered.get(i["isbn"], 0)]
+
+    async def take_lease(self, order_id, seconds, owner, dead_owner=None):
+        doc = self.orders.get(order_id)
+        if doc is None or not doc["open"]:
             return None
+        if not (doc["saga_lease"] < self.clock() or (dead_owner is not None and doc.get("owner") == dead_owner)):
+            return None
+        self.writes += 1
         doc["saga_lease"] = self.clock() + datetime.timedelta(seconds=seconds)
+        doc["owner"] = owner
         return copy.deepcopy(doc)
+
+    async def renew_leases(self, order_ids, seconds, owner):
+        self.writes += 1
+        for order_id in order_ids:
+            doc = self.orders.get(order_id)
+            if doc is not None and doc["open"] and doc.get("owner") == owner:
+                doc["saga_lease"] = self.clock() + datetime.timedelta(seconds=seconds)
 
     async def unfinished(self, limit=100):
-        return [copy.deepcopy(d) for d in self.orders.values() if d["open"] and d["saga_lease"] < self.clock()]
+        return [{"_id": d["_id"], "owner": d.get("owner")} for d in self.orders.values()
+                if d["open"] and d["saga_lease"] < self.clock()]
+
+    async def open_owned_by(self, prefix, limit=1000):
+        return [{"_id": d["_id"], "owner": d["owner"]} for d in self.orders.values()
+                if d["open"] and (d.get("owner") or "").startswith(prefix)]
 
 
 class FakeCatalog:
@@ -261,13 +318,13 @@ class World:
         })
         self.inventory = FakeInventory(stock if stock is not None else {A: 10, B: 10})
         self.payments = FakePayments()
-        self.kicks = 0
-        self.checkout = Checkout(self.repo, self.catalog, self.inventory, self.payments, "EUR", LEASE,
-                                 kick=self._kick, now=self.clock)
+        self.checkout = self.instance("host|ns|1")
         self._ids = 0
 
-    def _kick(self):
-        self.kicks += 1
+    def instance(self, owner: str, gone=()) -> Checkout:
+        """A Checkout as one orders process runs it (``gone``: the owners it may take for dead)."""
+        return Checkout(self.repo, self.catalog, self.inventory, self.payments, "EUR", LEASE, now=self.clock,
+                        owner=owner, is_gone=lambda other: other in gone)
 
     def new_id(self) -> str:
         self._ids += 1
@@ -302,9 +359,7 @@ async def test_happy_path_confirms_charges_and_sells_the_stock():
     assert order["open"] is False and order["todo"] == []
     assert w.payments.charges[order["_id"]]["amount_cents"] == 2000
     assert w.inventory.levels(A) == (8, 0) and w.inventory.levels(B) == (9, 0)
-    assert w.repo.promotions == {"u1": order["_id"]}
-    assert w.repo.cleared_carts == ["u1"]
-    assert w.kicks > 0
+    assert w.repo.promotions["u1"]["order_id"] == order["_id"]
 
 
 @pytest.mark.gen_test
@@ -435,16 +490,16 @@ async def test_the_promotion_is_once_per_customer_and_given_back_by_a_cancel():
 @pytest.mark.gen_test
 async def test_losing_the_promotion_race_prices_again_without_it():
     w = World()
-    claim = w.repo.promotion_claimed
+    claim = w.repo.claim_promotion
 
-    async def stale_check(user_id):  # our check ran before the other order's claim landed
-        result = await claim(user_id)
-        w.repo.promotions.setdefault(user_id, "someone-else")
-        return result
-    w.repo.promotion_claimed = stale_check
-    order = await w.checkout.create(w.new_id(), w.command([(A, 3)]))
+    async def raced_claim(user_id, order_id, key):  # another order's claim landed between our check and ours
+        w.repo.promotions.setdefault(user_id, {"_id": user_id, "order_id": "someone-else", "key": "k2",
+                                               "at": w.clock()})
+        return await claim(user_id, order_id, key)
+    w.repo.claim_promotion = raced_claim
+    order = await w.checkout.create(w.new_id(), w.command([(A, 3)]), key="k1")
     assert order["promotion_applied"] is False and order["discount_cents"] == 0
-    assert w.repo.promotions == {"u1": "someone-else"}
+    assert w.repo.promotions["u1"]["order_id"] == "someone-else"
 
 
 @pytest.mark.gen_test
@@ -540,15 +595,33 @@ async def test_recovery_voids_and_releases_a_pending_order_never_charged():
 
 
 @pytest.mark.gen_test
-async def test_an_owner_that_was_only_slow_has_its_late_charge_refused():
+async def test_recovery_never_takes_a_saga_its_own_process_is_running():
     w = World()
     order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
     real_charge = w.payments.charge
 
     async def slow_charge(*args):
-        # the processor took longer than the lease: recovery decided the owner was dead
+        # the processor takes longer than the lease: this process's recovery must leave the saga alone
         w.clock.advance(LEASE + 1)
-        assert await w.checkout.recover() == 1
+        assert await w.checkout.recover() == 0
+        return await real_charge(*args)
+    w.payments.charge = slow_charge
+    doc = await w.checkout.run(order, CARD)
+    assert doc["status"] == "CONFIRMED" and doc["payment"]["status"] == "charged"
+    assert len(w.payments.charges[order["_id"]]["ledger"]) == 1
+
+
+@pytest.mark.gen_test
+async def test_an_owner_that_was_only_slow_has_its_late_charge_refused_when_another_instance_took_over():
+    w = World()
+    other = w.instance("elsewhere|ns|7")
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    real_charge = w.payments.charge
+
+    async def slow_charge(*args):
+        # the processor took longer than the lease, which nobody renewed: another instance took us for dead
+        w.clock.advance(LEASE + 1)
+        assert await other.recover() == 1
         return await real_charge(*args)
     w.payments.charge = slow_charge
     with pytest.raises(errors.Conflict) as info:
@@ -558,6 +631,46 @@ async def test_an_owner_that_was_only_slow_has_its_late_charge_refused():
     assert doc["status"] == "CANCELLED" and doc["payment"]["status"] == "none" and doc["open"] is False
     assert w.payments.charges[order["_id"]]["ledger"] == []
     assert w.inventory.levels(A) == (10, 0)
+
+
+@pytest.mark.gen_test
+async def test_a_long_saga_renews_its_lease_in_one_write_and_a_short_one_never_does():
+    w = World()
+    quick = await w.place([(A, 1)])
+    writes = w.repo.writes
+    assert await w.checkout.renew_leases() == 0 and w.repo.writes == writes  # nothing running, nothing written
+    assert quick["status"] == "CONFIRMED"
+    orders = [await w.checkout.create(w.new_id(), w.command([(A, 1)], user=f"u{i}")) for i in range(3)]
+    for order in orders:
+        w.checkout._hold(order)
+    w.clock.advance(LEASE / 4)
+    assert await w.checkout.renew_leases() == 0  # a quarter of the lease: not yet
+    w.clock.advance(LEASE / 4 + 0.1)
+    writes = w.repo.writes
+    assert await w.checkout.renew_leases() == 3
+    assert w.repo.writes == writes + 1  # one write for all of them
+    assert all(w.stored(o["_id"])["saga_lease"] == w.clock() + datetime.timedelta(seconds=LEASE) for o in orders)
+    w.clock.advance(LEASE - 1)
+    other = w.instance("elsewhere|ns|7")
+    assert await other.recover() == 0  # renewed: nobody takes them
+    w.checkout.stop_recovery()
+
+
+@pytest.mark.gen_test
+async def test_after_a_restart_the_orders_of_the_dead_process_are_taken_at_once():
+    w = World()
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    await w.inventory.reserve(order["_id"], [{"isbn": A, "quantity": 1}])
+    # the process died; its successor on this host starts while the order's lease still runs
+    successor = w.instance("host|ns|2", gone={"host|ns|1"})
+    assert await successor.recover() == 1
+    doc = w.stored(order["_id"])
+    assert doc["status"] == "CANCELLED" and doc["history"][-1]["reason"] == "checkout_interrupted"
+    assert w.inventory.levels(A) == (10, 0)
+    # an order of a live process is left to its lease
+    live = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
+    assert await w.instance("host|ns|3", gone={"host|ns|2"}).recover() == 0
+    assert w.stored(live["_id"])["status"] == "PENDING"
 
 
 @pytest.mark.gen_test
@@ -631,10 +744,10 @@ async def test_one_stuck_order_does_not_hold_up_the_recovery_of_the_others():
     unlocked = asyncio.Event()
     take_lease = w.repo.take_lease
 
-    async def locked_document(order_id, seconds):
-        if order_id == stuck["_id"]:  # e.g. locked by a transaction its dead owner left open
+    async def locked_document(order_id, *args):
+        if order_id == stuck["_id"]:  # e.g. a slow database answering for this one
             await unlocked.wait()
-        return await take_lease(order_id, seconds)
+        return await take_lease(order_id, *args)
     w.repo.take_lease = locked_document
     w.clock.advance(LEASE + 1)
     assert await w.checkout.recover(wait=0.5) == 3
@@ -655,7 +768,7 @@ async def test_stopping_recovery_cancels_what_still_runs():
     order = await w.checkout.create(w.new_id(), w.command([(A, 1)]))
     forever = asyncio.Event()
 
-    async def never(order_id, seconds):
+    async def never(order_id, *args):
         await forever.wait()
     w.repo.take_lease = never
     w.clock.advance(LEASE + 1)
@@ -739,3 +852,67 @@ async def test_history_entries_record_who_acted():
     with pytest.raises(errors.OutOfStock) as info:
         await w.place([(B, 1)], user="u3")
     assert [h["by"] for h in w.stored(info.value.details["order_id"])["history"]] == ["u3", "system"]
+
+
+# -- the key, the answer and the claim in the order (issue 11) -----------------------------------------------------
+@pytest.mark.gen_test
+async def test_the_order_keeps_its_key_and_first_answer_and_a_duplicate_is_told_so():
+    w = World()
+    order = await w.checkout.create(w.new_id(), w.command([(A, 3)]), key="k1", fingerprint="fp")
+    assert order["idem"] == {"key": "k1", "fp": "fp", "answer": None} and order["owner"] == "host|ns|1"
+    with pytest.raises(DuplicateRequest):  # a concurrent duplicate (in another process) finds the key taken
+        await w.checkout.create(w.new_id(), w.command([(A, 3)]), key="k1", fingerprint="fp")
+    done = await w.checkout.run(order, CARD)
+    assert done["idem"]["answer"] == 2  # answered by the confirmation
+    assert len(w.repo.orders) == 1 and w.repo.promotions["u1"]["order_id"] == order["_id"]
+    # without the promotion in play the insert itself tells: and no claim is left behind
+    other = await w.checkout.create(w.new_id(), w.command([(B, 1)], user="u2"), key="k2")
+    with pytest.raises(DuplicateRequest):
+        await w.checkout.create(w.new_id(), w.command([(B, 3)], user="u2"), key="k2")
+    assert "u2" not in w.repo.promotions and len(w.repo.orders) == 2 and other["_id"] in w.repo.orders
+
+
+@pytest.mark.gen_test
+async def test_a_checkout_that_fails_with_a_5xx_frees_its_key_and_a_decided_one_records_its_answer():
+    w = World()
+    w.payments.down = {"charge"}
+    order = await w.checkout.create(w.new_id(), w.command([(A, 1)]), key="k1")
+    with pytest.raises(errors.Unavailable):
+        await w.checkout.run(order, CARD)
+    assert "idem" not in w.stored(order["_id"]) and await w.repo.by_key("u1", "k1") is None
+    w.payments.down = set()
+    declined = await w.checkout.create(w.new_id(), w.command([(A, 1)]), key="k2")
+    with pytest.raises(errors.PaymentDeclined):
+        await w.checkout.run(declined, {**CARD, "card_number": cards.DECLINED})
+    doc = w.stored(declined["_id"])
+    assert doc["idem"]["answer"] == 2 and doc["outcome"] == {"reason": "declined"}
+    w.inventory.on_hand[B] = 0
+    short = await w.checkout.create(w.new_id(), w.command([(B, 1)]), key="k3")
+    with pytest.raises(errors.OutOfStock):
+        await w.checkout.run(short, CARD)
+    assert w.stored(short["_id"])["outcome"] == {"items": [{"isbn": B, "requested": 1, "available": 0}]}
+
+
+@pytest.mark.gen_test
+async def test_confirming_a_from_cart_order_takes_only_its_lines_out_of_the_cart():
+    w = World()
+    w.repo.carts["u1"] = [{"isbn": A, "quantity": 2}, {"isbn": B, "quantity": 1}]
+    order = await w.checkout.create(w.new_id(), w.command([(A, 2), (B, 1)], from_cart=True))
+    w.repo.carts["u1"] = [{"isbn": A, "quantity": 3}, {"isbn": B, "quantity": 1}, {"isbn": "C", "quantity": 1}]
+    doc = await w.checkout.run(order, CARD)
+    assert doc["status"] == "CONFIRMED" and doc["todo"] == [] and doc["open"] is False
+    assert w.repo.carts["u1"] == [{"isbn": A, "quantity": 1}, {"isbn": "C", "quantity": 1}]
+
+
+@pytest.mark.gen_test
+async def test_a_promotion_claim_left_behind_is_given_back():
+    w = World()
+    # a process died between claiming the promotion and creating the order
+    await w.repo.claim_promotion("u1", "never-created", "k0")
+    assert await w.checkout.promotion_available("u1") is False  # maybe its order is still on its way
+    w.clock.advance(61)
+    order = await w.checkout.create(w.new_id(), w.command([(A, 3)]))
+    assert order["promotion_applied"] is True
+    # a cancel whose give-back was cut off
+    w.repo.orders[order["_id"]]["status"] = "CANCELLED"
+    assert await w.checkout.promotion_available("u1") is True and "u1" not in w.repo.promotions
