@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import datetime
 import sys
 import time
 import uuid
@@ -125,15 +126,16 @@ async def count_in_process(uri: str, isbn: str, count: int) -> dict:
     from motor.motor_asyncio import AsyncIOMotorClient
 
     from bookshop.services.inventory import Reservations
-    from bookshop.storage.inventory import LevelRepo, ReservationRepo
+    from bookshop.storage.inventory import LevelRepo
     from bookshop.storage.outbox import utcnow
 
     listener = c.CommandCounter()
     client = AsyncIOMotorClient(uri, event_listeners=[listener], retryWrites=False, tz_aware=True)
     try:
         database = client["bench_inproc_" + uuid.uuid4().hex[:8]]
-        levels, headers = LevelRepo(database), ReservationRepo(database)
-        reservations = Reservations(levels, headers, 900, None, utcnow)
+        levels = LevelRepo(database)
+        await levels.create_indexes()
+        reservations = Reservations(levels, levels.archive, 900, utcnow)
         await levels.restock(isbn, PLENTY)
         await reservations.reserve("warm-up", [(isbn, 1)])
         listener.counts.clear()
@@ -141,9 +143,15 @@ async def count_in_process(uri: str, isbn: str, count: int) -> dict:
         for i in range(count):
             results[(await reservations.reserve(f"order-{i}", [(isbn, 1)]))["state"]] += 1
         per = {name: round(n / count, 2) for name, n in sorted(listener.counts.items())}
+        total = round(sum(listener.counts.values()) / count, 2)
+        listener.counts.clear()
+        for i in range(count):  # and the commit that follows a reservation in a checkout
+            results[(await reservations.commit(f"order-{i}"))["state"]] += 1
+        per_commit = {name: round(n / count, 2) for name, n in sorted(listener.counts.items())}
         await client.drop_database(database.name)
         return {"reservations": count, "states": dict(results), "commands_per_reservation": per,
-                "total_per_reservation": round(sum(listener.counts.values()) / count, 2)}
+                "total_per_reservation": total, "commands_per_commit": per_commit,
+                "total_per_commit": round(sum(listener.counts.values()) / count, 2)}
     finally:
         client.close()
 
@@ -154,7 +162,7 @@ async def hold_cost(uri: str, shapes: list[tuple[int, int]], batches: int = 3, p
     from motor.motor_asyncio import AsyncIOMotorClient
 
     from bookshop.storage.inventory import LevelRepo
-    from bookshop.storage.outbox import new_event
+    from bookshop.storage.outbox import new_event, utcnow
 
     client = AsyncIOMotorClient(uri, retryWrites=False, tz_aware=True)
     try:
@@ -169,13 +177,15 @@ async def hold_cost(uri: str, shapes: list[tuple[int, int]], batches: int = 3, p
             for shape in shapes:  # interleaved, so a noisy moment hits every shape alike
                 holds, events = shape
                 isbn = f"level-{holds}-{events}"
+                until = utcnow() + datetime.timedelta(seconds=900)
                 await database["levels"].replace_one({"_id": isbn}, {
                     "on_hand": PLENTY, "reserved": holds, "available": PLENTY - holds, "pending": pending[events],
-                    "holds": [{"order": f"seed-{i}", "qty": 1} for i in range(holds)]}, upsert=True)
+                    "holds": [{"order": f"seed-{i}", "qty": 1, "state": "held", "id": i, "n": 1, "until": until}
+                              for i in range(holds)], "expires": until}, upsert=True)
                 started = time.perf_counter()
                 for _ in range(per_batch):
                     order += 1
-                    await levels.hold(isbn, f"order-{order}", 1)
+                    await levels.hold(isbn, f"order-{order}", 1, 1, until)
                 per_hold[shape].append((time.perf_counter() - started) * 1000 / per_batch)
         await client.drop_database(database.name)
         best = {shape: min(v) for shape, v in per_hold.items()}
@@ -244,7 +254,8 @@ def main(argv=None) -> int:
                f"flight when a wrk run stopped, at most {slack})")
         c.note(f"idle background (subtracted above): {meter.idle_text()}")
         c.note(f"in-process, exact: {exact['total_per_reservation']} commands per reservation "
-               f"{exact['commands_per_reservation']} (states {exact['states']})")
+               f"{exact['commands_per_reservation']}, {exact['total_per_commit']} per commit "
+               f"{exact['commands_per_commit']} (states {exact['states']})")
         c.note("one hold on a level document already carrying holds/pending events, in-process: "
                + ", ".join(f"{shape}: {v['best_ms']} ms (x{v['ratio']})" for shape, v in holds.items()))
         if args.profile:

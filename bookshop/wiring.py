@@ -98,28 +98,25 @@ async def _inventory(ctx: ServiceContext) -> list:
     from bookshop.handlers import inventory
     from bookshop.services import demo_data
     from bookshop.services.inventory import Reservations
-    from bookshop.storage.inventory import LevelRepo, ReservationRepo
+    from bookshop.storage.inventory import LegacyReservationRepo, LevelRepo
     from bookshop.storage.outbox import utcnow
     ctx.use_remote_keys()
-    levels = LevelRepo(ctx.db)
-    headers = ReservationRepo(ctx.db)
-    ctx.use_event_log(embedded=[levels.pending_events])
+    ctx.use_event_log()
+    levels = LevelRepo(ctx.db, ctx.event_log)  # its writes wake the relay
     await ctx.event_log.create_indexes()
     await levels.create_indexes()
-    await headers.create_indexes()
-    reservations = Reservations(levels, headers, ctx.settings.reservation_ttl, ctx.db.transaction, utcnow)
-    ctx.deps.update(levels=levels, reservation_headers=headers, reservations=reservations,
-                    catalog=_client(ctx, clients.CatalogClient, "catalog"))
+    ttl = ctx.settings.reservation_ttl
+    reservations = Reservations(levels, levels.archive, ttl, utcnow)
+    converted = await reservations.convert_legacy(LegacyReservationRepo(ctx.db))
+    if converted:
+        log.info("converted %d reservations of the earlier storage shape", converted)
+    ctx.deps.update(levels=levels, reservations=reservations, catalog=_client(ctx, clients.CatalogClient, "catalog"))
     if ctx.settings.demo_data:
         seeded = await levels.seed(demo_data.demo_stock_levels(demo_data.demo_books()))
         if seeded:
             log.info("seeded demo stock for %d books", seeded)
-
-    async def sweep():
-        if await reservations.sweep():
-            ctx.relay.kick()
-    ctx.spawn(_every(ctx, min(5.0, max(0.2, ctx.settings.reservation_ttl / 4)), sweep, "reservation sweep"),
-              "sweeper")
+    # holds expire within a quarter of their time (at most 30 s late): one indexed read per pass
+    ctx.spawn(_every(ctx, min(30.0, max(0.2, ttl / 4)), reservations.sweep, "reservation sweep"), "sweeper")
     return inventory.routes()
 
 

@@ -52,7 +52,6 @@ class RestockHandler(BaseHandler):
         if await self.ctx.deps["levels"].get(isbn) is None:
             await known_book(self.ctx, isbn)
         levels = await self.ctx.deps["levels"].restock(isbn, quantity)
-        self.ctx.relay.kick()
         self.ctx.metrics.count("restocks")
         log.info("restocked %s by %d", isbn, quantity)
         self.write_json(levels)
@@ -86,7 +85,6 @@ class ReservationsHandler(BaseHandler):
                   check_quantity(line.quantity, f"items[{i}].quantity"))
                  for i, line in enumerate(body.items)]
         result = await self.ctx.deps["reservations"].reserve(order_id, items)
-        self.ctx.relay.kick()
         self.ctx.metrics.count(f"reservations_{result['state']}")
         self.write_json(result)
 
@@ -104,7 +102,6 @@ class ReservationActionHandler(BaseHandler):
                 result = await reservations.put_back(_order_id(order_id))
         except NotFoundError:
             raise errors.NotFound("no reservation for this order", code="reservation_not_found") from None
-        self.ctx.relay.kick()
         wanted = {"commit": "committed", "release": "released", "put-back": "returned"}[action]
         if result["state"] != wanted and not (action == "release" and result["state"] in ("expired", "released")):
             raise errors.Conflict(f"reservation is {result['state']}", code="reservation_not_held",
@@ -118,10 +115,10 @@ class ReservationActionHandler(BaseHandler):
 class ReservationHandler(BaseHandler):
     async def get(self, order_id):
         self.require("service")
-        doc = await self.ctx.deps["reservation_headers"].get(_order_id(order_id))
-        if doc is None:
+        reservation = await self.ctx.deps["reservations"].look(_order_id(order_id))
+        if reservation is None:
             raise errors.NotFound("no reservation for this order", code="reservation_not_found")
-        self.write_json(self.ctx.deps["reservations"].view(doc))
+        self.write_json(reservation.view())
 
 
 def routes() -> list[tuple]:

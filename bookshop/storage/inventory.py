@@ -1,11 +1,19 @@
-"""Stock levels and reservations.
+"""Stock levels, the holds of orders on them, and the record of decided holds.
 
 A level document per ISBN holds ``on_hand``, ``reserved``, ``available`` (kept equal to on_hand - reserved),
-the ``holds`` of orders that reserved it, and its ``pending`` stock.changed events. Every change is ONE
-conditional single-document update (an aggregation-pipeline update) that also appends the event carrying
-the new levels, so a bestseller's stock never goes through a multi-document transaction on the hot path,
-can never go below zero (the filter checks ``available``) and a unit is never held twice for one order
-(the filter checks ``holds.order``). The relay moves the pending events out (``pending_events``).
+the ``holds`` entries of the orders that reserved it, ``expires`` (the earliest expiry of its held entries, for
+the sweeper's index) and its ``pending`` stock.changed events. Every change is ONE conditional
+single-document update (an aggregation-pipeline update) that also appends the event carrying the new levels:
+a bestseller's stock never goes through a multi-document transaction, can never go below zero (the filter
+checks ``available``) and one order never holds a unit twice (the filter checks ``holds.order``).
+
+A hold entry is ``{order, qty, state, id, n, until, at}``: ``state`` is ``held`` (counted in ``reserved``, until
+``until``) or a decision (``committed``, ``released``, ``expired``, ``rejected``, ``returned``); ``n`` is how many
+ISBNs the order reserved (so a partial reservation is recognisable); every change of state gets a new ``id``.
+The relay moves decided entries out of the hot document, together with its events (``pending_events``): they
+go to ``reservation_lines`` (``HoldArchive``), one line per (order, ISBN, entry id), kept for good.
+``returned`` entries stay in the document for ``RETURN_FENCE`` first: while there, they make a repeated
+put-back of the same order a no-op.
 """
 from __future__ import annotations
 
@@ -15,10 +23,18 @@ import pymongo
 from bson import ObjectId
 
 from bookshop.services.inventory import ReservationState as S, levels_view
-from bookshop.storage.mongo import DuplicateKeyError
 from bookshop.storage.outbox import utcnow
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+RETURN_FENCE = datetime.timedelta(hours=24)
+_HIDDEN = {"pending": 0, "holds": 0, "expires": 0}
+
+# how the levels change when an order's entry moves from one state to another (sign of qty per field)
+_DELTAS = {
+    (S.HELD, S.COMMITTED): {"on_hand": -1, "reserved": -1},
+    (S.COMMITTED, S.RETURNED): {"on_hand": 1, "available": 1},
+    **{(S.HELD, to): {"reserved": -1, "available": 1} for to in (S.RELEASED, S.EXPIRED, S.REJECTED, S.RETURNED)},
+}
 
 
 def _lit(value):
@@ -32,23 +48,85 @@ def _append_event(now: datetime.datetime) -> dict:
     return {"$set": {"pending": {"$concatArrays": [{"$ifNull": ["$pending", []]}, [event]]}}}
 
 
-def _without_hold(order_id: str) -> dict:
+# the earliest expiry of the document's held entries (null when none), for the sweeper's index
+_EXPIRES = {"$set": {"expires": {"$min": {"$map": {
+    "input": {"$filter": {"input": "$holds", "cond": {"$eq": ["$$this.state", S.HELD.value]}}},
+    "in": "$$this.until"}}}}}
+
+
+def _entry_of(order_id: str) -> dict:
+    return {"$arrayElemAt": [{"$filter": {"input": "$holds", "cond": {"$eq": ["$$this.order", _lit(order_id)]}}}, 0]}
+
+
+def _without(order_id: str) -> dict:
     return {"$filter": {"input": "$holds", "cond": {"$ne": ["$$this.order", _lit(order_id)]}}}
 
 
-class LevelRepo:
+def _change(field: str, sign: int, qty) -> dict:
+    return {"$add": [f"${field}", {"$multiply": [sign, qty]}]}
+
+
+class HoldArchive:
+    """``reservation_lines``: decided hold entries moved out of the level documents, one line per
+    (order, ISBN, entry id) — ``_id`` is ``order|isbn|id``, so an order's lines are one ``_id`` range."""
+
     def __init__(self, database):
+        self.lines = database["reservation_lines"]
+
+    async def add(self, lines: list[dict]) -> None:
+        """Insert lines; ones already there (a repeated move) are skipped."""
+        if not lines:
+            return
+        try:
+            await self.lines.insert_many(lines, ordered=False)
+        except pymongo.errors.BulkWriteError as exc:
+            if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
+                raise
+
+    async def of_order(self, order_id: str) -> list[dict]:
+        return await self.lines.find({"_id": {"$gte": f"{order_id}|", "$lt": f"{order_id}}}"}}).to_list(None)
+
+    @staticmethod
+    def line(isbn: str, entry: dict) -> dict:
+        out = {"_id": f"{entry['order']}|{isbn}|{entry['id']}", "order": entry["order"], "isbn": isbn,
+               "qty": entry["qty"], "state": entry["state"], "n": entry.get("n", 1), "at": entry.get("at"),
+               "until": entry.get("until")}
+        if entry.get("short"):
+            out["short"] = entry["short"]
+        return out
+
+
+class LevelRepo:
+    def __init__(self, database, events=None):
+        """``events``: the service's EventLog; its relay reads this repository's pending events (and moves
+        decided holds to the archive with them), and is woken in-process after every write that embedded one."""
         self.levels = database["levels"]
+        self.archive = HoldArchive(database)
+        self._announce = events.announce if events is not None else (lambda: None)
+        if events is not None:
+            events.add_source(self.pending_events)
 
     async def create_indexes(self) -> None:
         await self.levels.create_index("pending.at")
+        await self.levels.create_index("holds.order")
+        await self.levels.create_index("expires")
 
+    async def _update(self, query: dict, pipeline: list) -> bool:
+        result = await self.levels.update_one(query, pipeline)
+        if result.matched_count:
+            self._announce()
+        return bool(result.matched_count)
+
+    # -- levels ---------------------------------------------------------------------------------------------
     async def get(self, isbn: str) -> dict | None:
-        return await self.levels.find_one({"_id": isbn}, {"pending": 0, "holds": 0})
+        return await self.levels.find_one({"_id": isbn}, _HIDDEN)
+
+    async def get_many(self, isbns: list[str]) -> dict[str, dict]:
+        return {d["_id"]: d for d in await self.levels.find({"_id": {"$in": isbns}}, _HIDDEN).to_list(None)}
 
     async def list(self, after: str | None, limit: int) -> list[dict]:
         query = {"_id": {"$gt": after}} if after else {}
-        cursor = self.levels.find(query, {"pending": 0, "holds": 0}).sort("_id", 1).hint("_id_").limit(limit)
+        cursor = self.levels.find(query, _HIDDEN).sort("_id", 1).hint("_id_").limit(limit)
         return await cursor.to_list(limit)
 
     async def restock(self, isbn: str, quantity: int) -> dict:
@@ -60,54 +138,114 @@ class LevelRepo:
                        "available": {"$add": [{"$ifNull": ["$available", 0]}, quantity]},
                        "holds": {"$ifNull": ["$holds", []]}}},
              _append_event(now)],
-            upsert=True, projection={"pending": 0, "holds": 0}, return_document=pymongo.ReturnDocument.AFTER)
+            upsert=True, projection=_HIDDEN, return_document=pymongo.ReturnDocument.AFTER)
+        self._announce()
         return levels_view(isbn, doc)
 
-    async def hold(self, isbn: str, order_id: str, qty: int) -> str:
-        """Hold ``qty`` units for an order: "held", "already" (this order holds it) or "short"."""
+    # -- an order's entries -----------------------------------------------------------------------------------
+    async def hold(self, isbn: str, order_id: str, qty: int, n: int,
+                   until: datetime.datetime) -> tuple[str, dict | None]:
+        """Hold ``qty`` units for an order: ("held", the new entry), ("already", the order's entry here) or
+        ("short", None)."""
         now = utcnow()
-        doc = await self.levels.find_one_and_update(
+        entry = {"order": order_id, "qty": qty, "state": S.HELD.value, "id": ObjectId(), "n": n, "until": until,
+                 "at": now}
+        held = await self._update(
             {"_id": isbn, "available": {"$gte": qty}, "holds.order": {"$ne": order_id}},
             [{"$set": {"reserved": {"$add": ["$reserved", qty]}, "available": {"$subtract": ["$available", qty]},
-                       "holds": {"$concatArrays": ["$holds", [{"order": _lit(order_id), "qty": qty}]]}}},
-             _append_event(now)],
-            projection={"_id": 1})
-        if doc is not None:
-            return "held"
-        if await self.levels.count_documents({"_id": isbn, "holds.order": order_id}, limit=1):
-            return "already"
-        return "short"
+                       "holds": {"$concatArrays": ["$holds", [_lit(entry)]]}}},
+             {"$set": {"expires": {"$min": ["$expires", until]}}}, _append_event(now)])
+        if held:
+            return "held", entry
+        existing = await self.entry(isbn, order_id)
+        return ("already", existing) if existing is not None else ("short", None)
 
-    async def unhold(self, isbn: str, order_id: str, qty: int, sold: bool) -> bool:
-        """Drop an order's hold: back to available (release) or out of on_hand (commit). Idempotent."""
+    async def entry(self, isbn: str, order_id: str) -> dict | None:
+        doc = await self.levels.find_one({"_id": isbn, "holds.order": order_id},
+                                         {"holds": {"$elemMatch": {"order": order_id}}})
+        return doc["holds"][0] if doc else None
+
+    async def entries(self, order_id: str) -> dict[str, dict]:
+        """The order's entry in each level document that has one, by ISBN."""
+        docs = await self.levels.find({"holds.order": order_id},
+                                      {"holds": {"$elemMatch": {"order": order_id}}}).to_list(None)
+        return {d["_id"]: d["holds"][0] for d in docs}
+
+    async def move(self, isbn: str, order_id: str, frm: S, to: S, *, until_before: datetime.datetime | None = None,
+                   **extra) -> bool:
+        """Move the order's entry from ``frm`` to ``to`` with the levels' change that means (sell, give back,
+        put back). False if the entry is not in ``frm`` (or, with ``until_before``, not expired by then)."""
         now = utcnow()
-        if sold:
-            change = {"on_hand": {"$subtract": ["$on_hand", qty]}, "reserved": {"$subtract": ["$reserved", qty]}}
-        else:
-            change = {"reserved": {"$subtract": ["$reserved", qty]}, "available": {"$add": ["$available", qty]}}
-        doc = await self.levels.find_one_and_update(
-            {"_id": isbn, "holds": {"$elemMatch": {"order": order_id, "qty": qty}}},
-            [{"$set": {**change, "holds": _without_hold(order_id)}}, _append_event(now)],
-            projection={"_id": 1})
-        return doc is not None
+        match: dict = {"order": order_id, "state": frm.value}
+        if until_before is not None:
+            match["until"] = {"$lt": until_before}
+        new = {"state": _lit(to.value), "id": ObjectId(), "at": now, **{k: _lit(v) for k, v in extra.items()}}
+        return await self._update(
+            {"_id": isbn, "holds": {"$elemMatch": match}},
+            [{"$set": {"_e": _entry_of(order_id)}},
+             {"$set": {**{f: _change(f, sign, "$_e.qty") for f, sign in _DELTAS[(frm, to)].items()},
+                       "holds": {"$concatArrays": [_without(order_id), [{"$mergeObjects": ["$_e", new]}]]}}},
+             {"$unset": "_e"}, _EXPIRES, _append_event(now)])
 
-    async def put_back(self, isbn: str, qty: int, session) -> None:
-        """Return sold units to the shelf (inside the caller's transaction)."""
+    async def drop(self, isbn: str, order_id: str, entry_id: ObjectId) -> bool:
+        """Remove a held entry that should not exist (a late duplicate of a decided reservation), giving its
+        units back."""
         now = utcnow()
-        await self.levels.update_one(
-            {"_id": isbn},
-            [{"$set": {"on_hand": {"$add": ["$on_hand", qty]}, "available": {"$add": ["$available", qty]}}},
-             _append_event(now)], session=session)
+        return await self._update(
+            {"_id": isbn, "holds": {"$elemMatch": {"order": order_id, "id": entry_id, "state": S.HELD.value}}},
+            [{"$set": {"_e": _entry_of(order_id)}},
+             {"$set": {"reserved": _change("reserved", -1, "$_e.qty"), "available": _change("available", 1, "$_e.qty"),
+                       "holds": _without(order_id)}},
+             {"$unset": "_e"}, _EXPIRES, _append_event(now)])
 
+    async def put_back_archived(self, isbn: str, order_id: str, qty: int, n: int) -> bool:
+        """Return sold units whose sale entry has left the document already; the ``returned`` entry it leaves
+        (kept ``RETURN_FENCE``) makes a repeat a no-op. False if the document has an entry of the order."""
+        now = utcnow()
+        entry = {"order": order_id, "qty": qty, "state": S.RETURNED.value, "id": ObjectId(), "n": n, "at": now}
+        return await self._update(
+            {"_id": isbn, "holds.order": {"$ne": order_id}},
+            [{"$set": {"on_hand": {"$add": ["$on_hand", qty]}, "available": {"$add": ["$available", qty]},
+                       "holds": {"$concatArrays": [{"$ifNull": ["$holds", []]}, [_lit(entry)]]}}},
+             _append_event(now)])
+
+    async def expired(self, now: datetime.datetime, limit: int = 200) -> list[tuple[str, dict]]:
+        """(ISBN, entry) of held entries whose time ran out before ``now``."""
+        docs = await self.levels.find({"expires": {"$lt": now}}, {"holds": 1}).limit(limit).to_list(limit)
+        return [(d["_id"], h) for d in docs for h in d.get("holds", [])
+                if h.get("state") == S.HELD.value and h["until"] < now]
+
+    # -- the relay's embedded source ---------------------------------------------------------------------------
     async def pending_events(self, limit: int):
-        """The relay's embedded source: pending events of level documents, with their acknowledgement."""
-        docs = await self.levels.find({"pending.at": {"$gte": _EPOCH}}, {"pending": 1}).limit(limit).to_list(limit)
+        """Pending events of level documents, each document's last one with its acknowledgement. The
+        acknowledgement also moves the document's decided entries to the archive (the first one writes the
+        whole batch's lines), then pulls both out of the document."""
+        fence = utcnow() - RETURN_FENCE
+        movable = {"$or": [{"$in": ["$$this.state", [s.value for s in S.moved_out_at_once()]]},
+                           {"$and": [{"$eq": ["$$this.state", S.RETURNED.value]}, {"$lt": ["$$this.at", fence]}]}]}
+        docs = await self.levels.aggregate([
+            {"$match": {"pending.at": {"$gte": _EPOCH}}}, {"$limit": limit},
+            {"$project": {"pending": 1, "decided": {"$filter": {"input": {"$ifNull": ["$holds", []]},
+                                                                "cond": movable}}}}]).to_list(limit)
+        lines = [HoldArchive.line(d["_id"], e) for d in docs for e in d.get("decided", [])]
+        archived = []
+
+        async def archive_once():
+            if not archived:
+                await self.archive.add(lines)
+                archived.append(True)
+
         out = []
         for doc in docs:
             ids = [p["_id"] for p in doc["pending"]]
+            entry_ids = [e["id"] for e in doc.get("decided", [])]
 
-            async def ack(isbn=doc["_id"], ids=ids):
-                await self.levels.update_one({"_id": isbn}, {"$pull": {"pending": {"_id": {"$in": ids}}}})
+            async def ack(isbn=doc["_id"], ids=ids, entry_ids=entry_ids):
+                await archive_once()
+                pull: dict = {"pending": {"_id": {"$in": ids}}}
+                if entry_ids:
+                    pull["holds"] = {"id": {"$in": entry_ids}}
+                await self.levels.update_one({"_id": isbn}, {"$pull": pull})
             for i, pending in enumerate(doc["pending"]):
                 out.append((pending, ack if i == len(ids) - 1 else None))
         return out
@@ -125,67 +263,44 @@ class LevelRepo:
             await self.levels.insert_many(docs, ordered=False)
         except pymongo.errors.BulkWriteError:
             pass
+        self._announce()
         return len(docs)
 
+    # -- data written by the code before holds expired on their own ---------------------------------------------
+    async def legacy_holds(self, order_id: str | None = None) -> dict[str, dict]:
+        """Old-shape holds (``{order, qty}``, no state), by ISBN: of one order, or any (ISBN -> first one)."""
+        match = {"state": {"$exists": False}, **({"order": order_id} if order_id else {})}
+        docs = await self.levels.find({"holds": {"$elemMatch": match}},
+                                      {"holds": {"$elemMatch": match}}).limit(1000).to_list(1000)
+        return {d["_id"]: d["holds"][0] for d in docs}
 
-class ReservationRepo:
-    """One header per order's reservation: its items, state and expiry. The header serialises
-    concurrent duplicates (a lock with a deadline) and remembers the outcome for idempotent replies."""
+    async def adopt_legacy(self, isbn: str, order_id: str, to: S, n: int,
+                           until: datetime.datetime | None = None) -> bool:
+        """Give an old-shape hold its new shape: still ``held`` (with ``until``), or decided as ``to`` with the
+        levels' change that means."""
+        now = utcnow()
+        new = {"state": _lit(to.value), "id": ObjectId(), "n": n, "at": now}
+        if until is not None:
+            new["until"] = until
+        pipeline: list = [{"$set": {"_e": _entry_of(order_id)}}]
+        changes = {} if to is S.HELD else {f: _change(f, sign, "$_e.qty") for f, sign in _DELTAS[(S.HELD, to)].items()}
+        holds = {"$concatArrays": [_without(order_id), [{"$mergeObjects": ["$_e", new]}]]}
+        pipeline += [{"$set": {**changes, "holds": holds}}, {"$unset": "_e"}, _EXPIRES]
+        if changes:
+            pipeline.append(_append_event(now))
+        return await self._update(
+            {"_id": isbn, "holds": {"$elemMatch": {"order": order_id, "state": {"$exists": False}}}}, pipeline)
+
+
+class LegacyReservationRepo:
+    """``reservations``: the reservation headers of the code before holds expired on their own — read once at
+    start-up, converted, and deleted."""
 
     def __init__(self, database):
-        self.database = database
         self.reservations = database["reservations"]
 
-    async def create_indexes(self) -> None:
-        await self.reservations.create_index([("state", 1), ("expires_at", 1)])
-        await self.reservations.create_index([("lock_until", 1)], partialFilterExpression={"busy": True})
+    async def batch(self, limit: int = 200) -> list[dict]:
+        return await self.reservations.find({}).sort("_id", 1).limit(limit).to_list(limit)
 
-    async def get(self, order_id: str) -> dict | None:
-        return await self.reservations.find_one({"_id": order_id})
-
-    async def begin(self, order_id: str, items: list[tuple[str, int]], lock_seconds: float) -> dict | None:
-        """Create the header, locked by the caller; None if the order has one already."""
-        now = utcnow()
-        doc = {"_id": order_id, "items": [{"isbn": i, "quantity": q} for i, q in items],
-               "state": S.RESERVING.value, "created_at": now, "busy": True,
-               "lock_until": now + datetime.timedelta(seconds=lock_seconds)}
-        try:
-            await self.reservations.insert_one(doc)
-        except DuplicateKeyError:
-            return None
-        return doc
-
-    async def take_over(self, order_id: str, lock_seconds: float) -> dict | None:
-        """Take the lock of a header whose worker went away (``busy`` with an expired lock)."""
-        now = utcnow()
-        return await self.reservations.find_one_and_update(
-            {"_id": order_id, "busy": True, "lock_until": {"$lt": now}},
-            {"$set": {"lock_until": now + datetime.timedelta(seconds=lock_seconds)}},
-            return_document=pymongo.ReturnDocument.AFTER)
-
-    async def move(self, order_id: str, from_states: list[S], to: S, *, busy: bool, lock_seconds: float = 0,
-                   session=None, **fields) -> dict | None:
-        """Change state if it is one of ``from_states``. ``busy`` marks work still to do on the levels
-        (a sweeper finishes it if we die before ``done``)."""
-        now = utcnow()
-        update: dict = {"$set": {"state": to.value, **fields}}
-        if busy:
-            update["$set"].update(busy=True, lock_until=now + datetime.timedelta(seconds=lock_seconds))
-        else:
-            update["$unset"] = {"busy": "", "lock_until": ""}
-        return await self.reservations.find_one_and_update(
-            {"_id": order_id, "state": {"$in": [s.value for s in from_states]}}, update,
-            return_document=pymongo.ReturnDocument.AFTER, session=session)
-
-    async def done(self, order_id: str, state: S) -> None:
-        await self.reservations.update_one({"_id": order_id, "state": state.value},
-                                           {"$unset": {"busy": "", "lock_until": ""}})
-
-    async def expired(self, now: datetime.datetime, limit: int = 100) -> list[dict]:
-        cursor = self.reservations.find({"state": S.HELD.value, "expires_at": {"$lt": now}}).limit(limit)
-        return await cursor.to_list(limit)
-
-    async def stale(self, before: datetime.datetime, limit: int = 100) -> list[dict]:
-        """Headers whose worker died mid-way (still busy, lock expired before ``before``)."""
-        cursor = self.reservations.find({"busy": True, "lock_until": {"$lt": before}}).limit(limit)
-        return await cursor.to_list(limit)
+    async def delete(self, order_id: str) -> None:
+        await self.reservations.delete_one({"_id": order_id})

@@ -276,6 +276,44 @@ async def numbered(log: EventLog, seq: int, deadline: float) -> None:
         await log.wait(log.last_seen, 0.5)
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_an_idle_relay_costs_the_database_nothing_and_every_kind_of_write_wakes_it(private_mongodb_uri):
+    name = "outbox_" + uuid.uuid4().hex[:10]
+    db, log = await fresh_log(private_mongodb_uri, name)
+    levels = LevelRepo(db, log)  # registers its embedded events with the log
+    await levels.create_indexes()
+    relay = Relay(log, fallback=60.0)  # far longer than any wait below: only a wake-up can number in time
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(relay.run(stop))
+    try:
+        await log.record(new_event("book.created", {"isbn": "a"}))
+        await numbered(log, 1, 10)
+        await asyncio.sleep(0.2)  # the pass that numbered it ends
+        before = await server_ops(db)
+        await asyncio.sleep(2.0)  # an idle stretch: no poll, no lease renewal, no read at all
+        assert await server_ops(db) == before
+
+        await log.record(new_event("book.created", {"isbn": "b"}))  # an outbox insert
+        await numbered(log, 2, 10)
+
+        async def work(session):  # an outbox insert inside a transaction: announced once committed
+            await db["books"].insert_one({"_id": "c"}, session=session)
+            await log.record(new_event("book.created", {"isbn": "c"}), session=session)
+        await db.transaction(work)
+        await numbered(log, 3, 10)
+
+        await levels.restock("9780000000002", 2)  # an event embedded in a level document
+        await numbered(log, 4, 10)
+        events = await log.read(0, 10)
+        assert [e["data"]["isbn"] for e in events] == ["a", "b", "c", "9780000000002"]
+        assert await log.outbox.count_documents({}) == 0
+    finally:
+        stop.set()
+        await running
+        await db.client.drop_database(name)
+        db.close()
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_a_relay_that_stops_releases_its_lease_so_another_numbers_at_once(mongodb_uri):
     name = "outbox_" + uuid.uuid4().hex[:10]

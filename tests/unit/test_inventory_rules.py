@@ -43,20 +43,23 @@ def test_merge_accepts_the_maximum_number_of_lines():
     assert merge_lines([(A, 1)] * MAX_LINES) == [(A, MAX_LINES)]
 
 
-def test_final_states_are_the_ones_a_caller_can_be_answered_with():
+def test_every_state_but_reserving_is_an_answer_a_caller_can_be_given():
     final = {s for s in ReservationState if s.final}
     assert final == {ReservationState.HELD, ReservationState.REJECTED, ReservationState.COMMITTED,
                      ReservationState.RELEASED, ReservationState.EXPIRED, ReservationState.RETURNED}
     assert not ReservationState.RESERVING.final
-    assert not ReservationState.COMMITTING.final
-    assert not ReservationState.RETURNING.final
 
 
 def test_states_are_their_stored_strings():
     assert ReservationState("held") is ReservationState.HELD
     assert ReservationState.COMMITTED == "committed"
     assert {s.value for s in ReservationState} == {
-        "reserving", "held", "rejected", "committing", "committed", "released", "expired", "returning", "returned"}
+        "reserving", "held", "rejected", "committed", "released", "expired", "returned"}
+
+
+def test_returned_entries_stay_in_their_document_while_the_other_decisions_leave_at_once():
+    assert set(ReservationState.moved_out_at_once()) == {
+        ReservationState.COMMITTED, ReservationState.RELEASED, ReservationState.EXPIRED, ReservationState.REJECTED}
 
 
 def test_levels_view_of_a_never_restocked_book_is_zero():
