@@ -135,7 +135,7 @@ class Rush:
     def __init__(self, shop, session: aiohttp.ClientSession):
         self.shop = shop
         self.api = Api(shop, session)
-        self.clients = Clients(timeout=60)
+        self.clients: Clients | None = None
         self.tasks: list[asyncio.Future] = []
         self.state: dict = {}
         self.began = time.monotonic()
@@ -154,6 +154,7 @@ class Rush:
         self.mark("ready")
 
     def start(self) -> None:
+        self.clients = Clients(timeout=60)
         self.tasks = [asyncio.ensure_future(self.clients.checkout(self.buyers[u], isbn)) for u, isbn in self.pairs]
 
     async def stop(self) -> None:
