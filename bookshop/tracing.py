@@ -13,8 +13,8 @@ nothing else, which is all that logs and propagation need, at a cost of a few mi
 export on, the SDK's ``TracerProvider`` records spans and a ``BatchSpanProcessor`` ships them from a thread
 of its own. The standard variables apply: ``OTEL_EXPORTER_OTLP_*`` (endpoint, headers, timeout,
 compression), ``OTEL_BSP_*`` (batching), ``OTEL_TRACES_SAMPLER``/``_ARG``, ``OTEL_RESOURCE_ATTRIBUTES``,
-``OTEL_PROPAGATORS``, ``OTEL_SDK_DISABLED``. ``service.name`` is the service's own name (``OTEL_SERVICE_NAME``
-would give all seven services one name).
+``OTEL_PROPAGATORS`` (W3C trace context only by default: no baggage), ``OTEL_SDK_DISABLED``. ``service.name``
+is the service's own name (``OTEL_SERVICE_NAME`` would give all seven services one name).
 
 With export on, database commands are child spans too (``MongoSpans``, a pymongo command listener; the
 command documents are never attached). Background work with no request behind it (relay, sweeps, followers)
@@ -36,6 +36,7 @@ from typing import Any, Iterator, Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.trace import (INVALID_SPAN, Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode,
                                  TraceFlags)
 
@@ -92,6 +93,10 @@ def setup(service: str, exporters: tuple[str, ...], env: Mapping[str, str] | Non
     ``Settings.traces_exporters`` parsed them from ``OTEL_TRACES_EXPORTER``."""
     env = os.environ if env is None else env
     span_dir = env.get(TEST_SPAN_DIR, "").strip()
+    if not env.get("OTEL_PROPAGATORS", "").strip():
+        # W3C trace context only (the API's default adds baggage): baggage from outside would be passed on by
+        # every service to every other, and none of them reads it
+        propagate.set_global_textmap(TraceContextTextMapPropagator())
     _state.fields = None
     if not exporters and not span_dir:
         _state.tracer, _state.recording, _state.provider = IdsOnlyTracer(), False, None

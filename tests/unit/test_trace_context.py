@@ -218,3 +218,14 @@ def test_domain_events_are_exported_from_start_up():
     text = Metrics("orders").render().decode()
     for name in DOMAIN_EVENTS["orders"]:
         assert f'bookshop_domain_events_total{{name="{name}",service="orders"}} 0.0' in text
+
+
+def test_baggage_from_outside_is_not_passed_on(recording):
+    def serve():
+        tracing.start_request({"traceparent": f"00-{TRACE}-{PARENT}-01", "baggage": "user=attacker,x=" + "y" * 4000},
+                              "GET", "/", "/")
+        headers: dict = {}
+        tracing.inject(headers, tracing.start_call("catalog", "GET", "http://catalog/x", "/x"))
+        return headers
+    headers = in_context(serve)
+    assert set(headers) == {"traceparent"} and TRACE in headers["traceparent"]
