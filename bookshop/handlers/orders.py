@@ -145,17 +145,18 @@ class OrdersHandler(BaseHandler):
         # a duplicate of a request this process is still answering waits for that answer (no database work)
         ident = (principal.sub, key)
         first = checkout.requests.get(ident)
-        if first is not None:
+        mine = None
+        if first is None:
+            mine = checkout.requests[ident] = asyncio.get_running_loop().create_future()
+        else:
             await asyncio.wait([first], timeout=self.ctx.settings.checkout_wait + 5)
-        # a replay is answered before the command is built: it must not depend on the cart as it is now
-        # (a confirmed from_cart order has emptied it)
-        existing = await self.ctx.deps["orders"].by_key(principal.sub, key)
-        if existing is not None:
-            await self.replay(existing, principal.sub, key, fingerprint)
-            return
-        mine = asyncio.get_running_loop().create_future()
-        checkout.requests.setdefault(ident, mine)
         try:
+            # a replay is answered before the command is built: it must not depend on the cart as it is now
+            # (a confirmed from_cart order has emptied it)
+            existing = await self.ctx.deps["orders"].by_key(principal.sub, key)
+            if existing is not None:
+                await self.replay(existing, principal.sub, key, fingerprint)
+                return
             cmd = await self.command(principal.sub, body)
             try:
                 status, payload = await self.place(new_order_id(), cmd, key, fingerprint)
@@ -164,9 +165,9 @@ class OrdersHandler(BaseHandler):
                 return
             self.send(status, payload)
         finally:
-            if checkout.requests.get(ident) is mine:
+            if mine is not None:
                 del checkout.requests[ident]
-            mine.set_result(None)
+                mine.set_result(None)
 
     async def command(self, user_id: str, body: NewOrder) -> PlaceOrder:
         if (body.items is None) == (not body.from_cart):
