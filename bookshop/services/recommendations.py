@@ -277,7 +277,7 @@ class Recommender:
         exclude = set(held) | {isbn}
         ranked = ranked_partners(lists.values(), exclude)
         # the book itself comes with its first candidates: one catalog call where two would do
-        on_sale = await self.catalog.books([isbn] + ranked[:self._chunk])
+        on_sale = await self.catalog.books([isbn] + ranked[:self._first])
         book = on_sale.get(isbn)
         if book is None:
             raise errors.NotFound("no such book", code="book_not_found")
@@ -298,16 +298,24 @@ class Recommender:
         return await self.catalog.newest(category, min(100, self.limit + skip))
 
     @property
-    def _chunk(self) -> int:
-        return 3 * self.limit  # candidates checked for being on sale at a time
+    def _first(self) -> int:
+        # candidates checked for being on sale in the first catalog call: the embedded server's cost of an
+        # ``$in`` grows with its ids, and the first few are almost always on sale
+        return self.limit + 1
+
+    def _chunks(self, ranked: list[str]):
+        yield 0, ranked[:self._first]
+        for start in range(self._first, len(ranked), 3 * self.limit):
+            yield start, ranked[start:start + 3 * self.limit]
 
     async def _fill(self, ranked: list[str], categories: list[str], exclude: set[str],
                     on_sale: dict[str, dict] | None = None) -> list[dict]:
         picks: list[dict] = []
         chosen: set[str] = set()
         newest: list[dict] | None = None
-        for start in range(0, len(ranked), self._chunk):
-            candidates = ranked[start:start + self._chunk]
+        for start, candidates in self._chunks(ranked):
+            if not candidates:
+                break
             if start > 0 or on_sale is None:
                 if start == 0 and len(candidates) < self.limit and categories:
                     # not enough to fill the list whatever is on sale: ask for the category's books meanwhile
