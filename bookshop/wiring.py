@@ -220,18 +220,20 @@ async def _gateway(ctx: ServiceContext) -> list:
     streams = {name: Stream(name, clients.StreamSource(upstreams[name])) for name in ("catalog", "inventory", "orders")}
 
     async def snapshot(channel, sub, principal):
+        # (seq, data, epoch): epoch None where the service does not say which history its seq is in (the hub
+        # then takes the stream's)
         if channel == "inventory":
             reply = await upstreams["inventory"].request("GET", "/internal/levels", params={"limit": "1000"})
             upstreams["inventory"].raise_for(reply)
-            return reply.body["seq"], {"items": reply.body["items"]}
+            return reply.body["seq"], {"items": reply.body["items"]}, reply.body.get("epoch")
         if channel == "books":
-            seq = (await streams["catalog"].source.read(2**62, 1))["seq"]
+            head = await streams["catalog"].source.read(2**62, 1)
             page = await upstreams["catalog"].search({"limit": "100"})
-            return seq, {"items": page["items"]}
+            return head["seq"], {"items": page["items"]}, head.get("epoch")
         reply = await upstreams["orders"].request("GET", "/internal/orders/recent", params={
             "limit": "50", **({"user_id": sub.filter.user_id} if sub.filter.user_id else {})})
         upstreams["orders"].raise_for(reply)
-        return reply.body["seq"], {"items": reply.body["items"]}
+        return reply.body["seq"], {"items": reply.body["items"]}, reply.body.get("epoch")
 
     hub = Hub(streams, snapshot, ctx.metrics, max_per_address=ctx.settings.ws_max_per_address)
     cache = BookPageCache(hub, upstreams["catalog"],

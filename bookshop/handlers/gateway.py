@@ -15,7 +15,8 @@ from bookshop.handlers.common import int_arg
 from bookshop.net import client_address
 from bookshop.services import errors
 from bookshop.services.isbn import normalize_isbn
-from bookshop.ws.channels import CHANNELS, ChannelError, authorize
+from bookshop.ws.channels import CHANNELS, ChannelError, authorize, valid_epoch
+from bookshop.ws.hub import resumable
 from bookshop.ws.socket import LiveSocket
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,12 @@ class BookPageHandler(ProxyHandler):
 
 
 class EventsHandler(BaseHandler):
-    """``GET /api/v1/events?channel=&after=&wait=``: the long-poll fallback of the live stream."""
+    """``GET /api/v1/events?channel=&after=&epoch=&wait=&limit=``: the long-poll fallback of the live stream.
+
+    Answers ``{items, seq, epoch, reset}``; the client goes on with ``after`` = ``seq`` and that ``epoch``.
+    ``reset: true`` (no items) when ``after`` is not a position in the stream's current history (another
+    epoch, beyond the head, or older than the log keeps): the client re-reads the state and goes on from
+    ``seq``."""
 
     public = {"GET"}
 
@@ -106,23 +112,30 @@ class EventsHandler(BaseHandler):
             raise errors.InvalidInput(f"channel: {exc.message}", code="invalid_field",
                                       details={"field": "channel"}) from None
         after = int_arg(self, "after", 0, 0, 2**62)
+        epoch = self.get_query_argument("epoch", None)
+        if epoch is not None and not valid_epoch(epoch):
+            raise errors.InvalidInput("epoch must be the epoch of an earlier answer", code="invalid_field",
+                                      details={"field": "epoch"})
         wait = int_arg(self, "wait", 0, 0, 30)
         limit = int_arg(self, "limit", 100, 1, 500)
         stream = self.ctx.deps["hub"].streams[CHANNELS[channel]]
         source = stream.source
         page = await source.read(after, limit)
-        if not page["items"] and wait:
+        if resumable(page, after, epoch) and not page["items"] and wait:
             deadline = asyncio.get_running_loop().time() + wait
             waiter = self.ctx.deps["waiters"]
             while asyncio.get_running_loop().time() < deadline and stream.seq <= after:
                 await waiter.wait(CHANNELS[channel], deadline - asyncio.get_running_loop().time())
             page = await source.read(after, limit)
+        if not resumable(page, after, epoch):
+            self.write_json({"items": [], "seq": page["seq"], "epoch": page.get("epoch"), "reset": True})
+            return
         items = [{"type": "event", "channel": channel, "seq": e["seq"], "event": e["event"], "data": e["data"],
                   "at": e["at"]} for e in page["items"] if filter_.matches(e)]
-        last = page["items"][-1]["seq"] if page["items"] else max(after, 0)
         # an empty page resumes from ``after``: the log's latest seq is read after its items, so it may
-        # already count an event the page missed (only a seq from the future is pulled back to the latest)
-        self.write_json({"items": items, "seq": last if page["items"] else min(after, page["seq"])})
+        # already count an event the page missed
+        last = page["items"][-1]["seq"] if page["items"] else after
+        self.write_json({"items": items, "seq": last, "epoch": page.get("epoch"), "reset": False})
 
 
 class OpenApiHandler(BaseHandler):

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Callable
 
 from bookshop.auth import Principal
 from bookshop.services.errors import InvalidInput
 from bookshop.validation import parse_json
+
+# an epoch as the services make them (random ids); anything else is no epoch of ours
+EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # channel -> the service stream it is cut from
 CHANNELS = {
@@ -73,7 +77,7 @@ def parse_message(raw: str | bytes) -> dict:
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise ChannelError("bad_message", "a message is an object with an 'op'")
     op = msg["op"]
-    allowed = {"auth": {"op", "token"}, "subscribe": {"op", "channel", "after"},
+    allowed = {"auth": {"op", "token"}, "subscribe": {"op", "channel", "after", "epoch"},
                "unsubscribe": {"op", "channel"}}
     if op not in allowed:
         raise ChannelError("bad_message", f"unknown op {op!r}")
@@ -88,7 +92,15 @@ def parse_message(raw: str | bytes) -> dict:
         after = msg["after"]
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
             raise ChannelError("bad_message", "after must be a non-negative integer seq")
+    if op == "subscribe" and msg.get("epoch") is not None and not valid_epoch(msg["epoch"]):
+        raise ChannelError("bad_message", "epoch must be the epoch of an earlier subscribed or snapshot frame")
     return msg
+
+
+def valid_epoch(value) -> bool:
+    """Could ``value`` be a stream's epoch? (Any such string may be sent: one that is not the stream's
+    current epoch gets a fresh snapshot.)"""
+    return isinstance(value, str) and EPOCH.fullmatch(value) is not None
 
 
 class MessageBudget:

@@ -11,6 +11,7 @@ import socket
 import time
 import uuid
 
+import tornado.iostream
 import tornado.websocket
 
 from bookshop.auth import bearer
@@ -73,7 +74,23 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         self.finish(json.dumps({"error": {"code": code, "message": message,
                                           "request_id": self._headers.get("X-Request-ID")}}))
 
+    async def get(self, *args, **kwargs):
+        # tornado answers a handshake it cannot take in plain text; every answer of the gateway is JSON
+        headers = self.request.headers
+        connection = {part.strip().lower() for part in headers.get("Connection", "").split(",")}
+        if (headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection
+                or not headers.get("Sec-WebSocket-Key")):
+            self._refuse(400, "bad_request", "GET /ws needs a WebSocket upgrade")
+            return
+        if headers.get("Sec-WebSocket-Version") not in ("7", "8", "13"):  # what tornado speaks
+            self.set_header("Sec-WebSocket-Version", "13")
+            self._refuse(426, "upgrade_required", "this server speaks WebSocket version 13")
+            return
+        await super().get(*args, **kwargs)
+
     def get_compression_options(self):
+        # None: no permessage-deflate, so the hub's frames (framed once for every reader, see write_frame)
+        # are exactly what tornado would send
         return None
 
     def open(self):
@@ -86,9 +103,26 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         self.ctx.deps["sockets"].add(self)
 
     # Connection protocol used by the hub
-    def write_frame(self, frame: str):
-        # tornado writes to the socket inside write_message; the future says when it is flushed
-        return self.write_message(frame)
+    def write_frame(self, data: bytes):
+        """Whole frames made by the hub (``hub.text_frame``), bytes as ``write_message`` would put on the wire
+        but made once for every reader of an event, and without its task per message. Tornado's own frames
+        (pings, pongs, the close) go through the same stream, never in the middle of one of ours: a frame
+        of ours is either all in the kernel's buffer or handed to the stream whole."""
+        conn = self.ws_connection
+        if conn is None or conn.is_closing():
+            raise tornado.iostream.StreamClosedError()
+        stream = conn.stream
+        if not stream.writing() and type(stream) is tornado.iostream.IOStream:
+            # nothing is waiting in the stream: give the bytes to the kernel as the stream itself would
+            # (IOStream.write_to_fd), without the future and the callback it makes per write
+            try:
+                sent = stream.socket.send(data)
+            except OSError:  # no room now (or the peer is gone): the stream deals with it, as it would
+                sent = 0
+            if sent == len(data):
+                return None
+            data = memoryview(data)[sent:]
+        return stream.write(data)
 
     def close_slow(self) -> None:
         self.ctx.metrics.count("websocket_slow_clients")
@@ -98,7 +132,7 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         frame = {"type": "error", "code": code, "message": message}
         if channel is not None:
             frame["channel"] = channel  # which subscription failed, so a client can retry just that one
-        self.client.send(json.dumps(frame))
+        self.client.send_text(json.dumps(frame))
 
     async def on_message(self, message):
         if self.client is None or self.client.closed:
@@ -115,7 +149,7 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         if op == "auth":
             await self._auth(msg["token"])
         elif op == "subscribe":
-            await self._subscribe(msg["channel"], msg.get("after"))
+            await self._subscribe(msg["channel"], msg.get("after"), msg.get("epoch"))
         else:
             self._unsubscribe(msg["channel"])
 
@@ -131,13 +165,13 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
             self.error(exc.code, exc.message, channel)
             return
         self.hub.unsubscribe(self.client, channel)
-        self.client.send(json.dumps({"type": "unsubscribed", "channel": channel}))
+        self.client.send_text(json.dumps({"type": "unsubscribed", "channel": channel}))
 
     def _end_private(self) -> None:
         """The private subscriptions end, each acknowledged (the client did not ask: it is told)."""
         for channel in [c for c in self.client.subs if private(c)]:
             self.hub.unsubscribe(self.client, channel)
-            self.client.send(json.dumps({"type": "unsubscribed", "channel": channel}))
+            self.client.send_text(json.dumps({"type": "unsubscribed", "channel": channel}))
 
     def _sign_out(self) -> None:
         self.client.principal = None
@@ -166,7 +200,7 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
             self._expiry.cancel()
         loop = asyncio.get_running_loop()
         self._expiry = loop.call_later(max(0.0, principal.exp - time.time()), self._expired)
-        self.client.send(json.dumps({"type": "authenticated", "user_id": principal.sub, "role": principal.role}))
+        self.client.send_text(json.dumps({"type": "authenticated", "user_id": principal.sub, "role": principal.role}))
 
     def _expired(self) -> None:
         if self.client is None or self.client.closed:
@@ -175,14 +209,14 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         self.hub.end_private(self.client)
         self.error("token_expired", "your token expired: send a fresh one with op auth and subscribe again")
 
-    async def _subscribe(self, channel: str, after) -> None:
+    async def _subscribe(self, channel: str, after, epoch) -> None:
         try:
             filter_ = authorize(channel, self.client.principal)
         except ChannelError as exc:
             self.error(exc.code, exc.message, channel)
             return
         try:
-            await self.hub.subscribe(self.client, channel, filter_, after)
+            await self.hub.subscribe(self.client, channel, filter_, after, epoch)
         except errors.DomainError as exc:
             self.hub.unsubscribe(self.client, channel)
             self.error("unavailable", f"{channel} is unavailable now ({exc.message}); retry shortly", channel)

@@ -111,9 +111,9 @@ async def restock(api: Api, isbn: str, quantity: int = 1) -> dict:
 
 
 async def latest(api: Api, channel: str) -> int:
-    """The channel's current seq: a long-poll from the far future is pulled back to it."""
+    """The channel's current seq: a long-poll from the far future is told to start again from it."""
     r = await api.get("/events", params={"channel": channel, "after": str(2**62)})
-    assert r.status == 200 and r.body["items"] == [], r
+    assert r.status == 200 and r.body["items"] == [] and r.body["reset"] is True, r
     return r.body["seq"]
 
 
@@ -674,7 +674,7 @@ async def test_long_poll_returns_as_soon_as_an_event_arrives_or_when_wait_is_up(
             if not r.body["items"]:
                 break
             now = r.body["seq"]
-        assert r.status == 200 and r.body == {"items": [], "seq": now}
+        assert r.status == 200 and r.body == {"items": [], "seq": now, "epoch": r.body["epoch"], "reset": False}
         assert 0.9 <= waited < 3, waited
 
         async def poll_for_mine(after: int) -> dict:

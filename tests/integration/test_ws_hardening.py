@@ -314,3 +314,30 @@ async def test_a_valid_token_while_the_users_service_is_down_is_unavailable_not_
             await asyncio.sleep(0.2)
         assert answer["type"] == "authenticated"
         await ws.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_handshake_the_gateway_cannot_take_is_answered_in_json_like_every_other_error(shop):
+    url = shop.url("gateway") + "/ws"
+    key = base64.b64encode(os.urandom(16)).decode()
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": key}
+    async with aiohttp.ClientSession() as session:
+        for headers, status, code in (
+                ({}, 400, "bad_request"),                                     # a plain GET
+                ({"Upgrade": "websocket"}, 400, "bad_request"),               # no Connection: Upgrade
+                ({"Upgrade": "h2c", "Connection": "Upgrade"}, 400, "bad_request"),
+                ({**upgrade, "Sec-WebSocket-Key": ""}, 400, "bad_request"),
+                ({**upgrade, "Sec-WebSocket-Version": "99"}, 426, "upgrade_required")):
+            async with session.get(url, headers=headers) as r:
+                body = await r.json(content_type=None)
+                assert r.status == status, (headers, r.status, body)
+                assert r.headers["Content-Type"].startswith("application/json"), (headers, r.headers)
+                assert body["error"]["code"] == code and body["error"]["request_id"] == r.headers["X-Request-ID"]
+                if status == 400:
+                    assert body["error"]["message"] == "GET /ws needs a WebSocket upgrade"
+                else:
+                    assert r.headers["Sec-WebSocket-Version"] == "13"
+        ws = await connect(session, shop)  # and a proper handshake still opens
+        await ws.send_json({"op": "unsubscribe", "channel": "books"})
+        assert await next_frame(ws) == {"type": "unsubscribed", "channel": "books"}
+        await ws.close()

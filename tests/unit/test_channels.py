@@ -76,6 +76,10 @@ def test_filter_matches_only_the_owners_events():
     ('{"op": "subscribe", "channel": "books", "after": null}',
      {"op": "subscribe", "channel": "books", "after": None}),
     ('{"op": "unsubscribe", "channel": "orders"}', {"op": "unsubscribe", "channel": "orders"}),
+    ('{"op": "subscribe", "channel": "books", "after": 3, "epoch": "3f9c0a1b2d4e5f60"}',
+     {"op": "subscribe", "channel": "books", "after": 3, "epoch": "3f9c0a1b2d4e5f60"}),
+    ('{"op": "subscribe", "channel": "books", "after": 3, "epoch": null}',
+     {"op": "subscribe", "channel": "books", "after": 3, "epoch": None}),
 ])
 def test_well_formed_frames_are_accepted_as_sent(frame, wanted):
     assert parse_message(frame) == wanted
@@ -104,6 +108,11 @@ def test_well_formed_frames_are_accepted_as_sent(frame, wanted):
     ('{"op": "subscribe", "channel": "inventory", "after": true}', "after"),
     ('{"op": "subscribe", "channel": "inventory", "after": {"$gt": 0}}', "after"),
     ('{"op": "subscribe", "channel": "inventory", "from": 3}', "unknown field 'from'"),
+    ('{"op": "subscribe", "channel": "inventory", "after": 3, "epoch": 7}', "epoch"),
+    ('{"op": "subscribe", "channel": "inventory", "after": 3, "epoch": ""}', "epoch"),
+    ('{"op": "subscribe", "channel": "inventory", "after": 3, "epoch": "%s"}' % ("x" * 65), "epoch"),
+    ('{"op": "subscribe", "channel": "inventory", "after": 3, "epoch": {"$ne": ""}}', "epoch"),
+    ('{"op": "subscribe", "channel": "inventory", "after": 3, "epoch": "a b"}', "epoch"),
     ('{"op": "unsubscribe"}', "channel"),
     ('{"op": "unsubscribe", "channel": "books", "after": 3}', "unknown field 'after'"),
 ])
