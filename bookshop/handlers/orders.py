@@ -140,8 +140,9 @@ class OrdersHandler(BaseHandler):
             raise errors.InvalidInput("Idempotency-Key header: required, 1 to 128 letters, digits or ._:-",
                                       code="idempotency_key_required", details={"field": "Idempotency-Key"})
         body = self.json_body(NewOrder)
-        fingerprint = request_fingerprint(self.json_body(), self.ctx.settings.service_secret)
         checkout = self.ctx.deps["checkout"]
+        checkout.gate.refuse_if_full()  # overloaded: answered at once, before any database work (a 503)
+        fingerprint = request_fingerprint(self.json_body(), self.ctx.settings.service_secret)
         # a duplicate of a request this process is still answering waits for that answer (no database work)
         ident = (principal.sub, key)
         first = checkout.requests.get(ident)
@@ -235,6 +236,7 @@ class OrdersHandler(BaseHandler):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ctx.settings.checkout_wait + 5
         doc, seen = found, found is not None
+        pause = 0.05
         while True:
             if doc is not None:
                 seen = True
@@ -260,8 +262,11 @@ class OrdersHandler(BaseHandler):
             task = checkout.task_of(doc["_id"]) if doc is not None else None
             if task is not None:
                 await asyncio.wait([task], timeout=remaining)
-            else:  # the first request runs in another process (or is just finishing): look again shortly
-                await asyncio.sleep(min(0.1, remaining))
+            else:
+                # driven by another process (or by nobody until recovery takes it): look again, less and less
+                # often, so that many waiting clients do not keep the database from the work they wait for
+                pause = min(pause * 2, 1.0)
+                await asyncio.sleep(min(pause, remaining))
             doc = await orders.by_key(user_id, key)
 
     def send(self, status: int, payload: dict) -> None:
@@ -292,8 +297,6 @@ def order_answer(order: dict, request_id: str) -> tuple[int, dict]:
     if reason in RETRYABLE:
         return 503, error_body("service_unavailable", f"the checkout could not finish ({reason}); retry",
                                request_id, details)
-    if reason == "checkout_interrupted":
-        return 409, error_body("checkout_interrupted", "checkout interrupted; retry", request_id, details)
     return 409, error_body("order_cancelled", f"the order was cancelled ({reason})", request_id, details)
 
 

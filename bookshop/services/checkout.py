@@ -120,6 +120,16 @@ class Gate:
     def waiting(self) -> int:
         return sum(1 for f in self._line if not f.done())
 
+    @property
+    def full(self) -> bool:
+        """No place to run and none to wait: a new checkout would be refused."""
+        return self.active >= self.limit and self.waiting >= self.waiting_limit
+
+    def refuse_if_full(self) -> None:
+        """Refuse at once, before any work, when the gate is full (overload costs the database nothing)."""
+        if self.full:
+            raise self._busy()
+
     async def enter(self, wait: float) -> None:
         if self.active < self.limit and not self.waiting:
             self.active += 1
@@ -168,7 +178,7 @@ class Checkout:
     """The checkout saga: placing, confirming, cancelling and shipping orders, and recovering the
     sagas their owners left unfinished."""
 
-    RECOVERY_CONCURRENCY = 8
+    RECOVERY_CONCURRENCY = 16
 
     def __init__(self, repo, catalog, inventory, payments, currency: str, lease_seconds: float, metrics=None,
                  now=None, concurrency: int = 32, queue: int | None = None, owner: str | None = None,
@@ -226,8 +236,8 @@ class Checkout:
             log.error("checkout saga failed", exc_info=exc)
 
     def task_of(self, order_id: str) -> asyncio.Future | None:
-        """The saga this process runs for the order, if any (a duplicate request waits on it)."""
-        return self.tasks.get(order_id)
+        """The saga (or recovery) this process runs for the order, if any: a duplicate request waits on it."""
+        return self.tasks.get(order_id) or self._recovering.get(order_id)
 
     async def promotion_available(self, user_id: str) -> bool:
         """True unless an order of the customer holds the promotion. A claim left behind by an order that was
@@ -544,17 +554,21 @@ class Checkout:
             await self.cancel(order, "checkout_interrupted", todo=["payment", "stock"])
         self._count("orders_recovered")
 
-    async def recover_forever(self, stop: asyncio.Event, every: float = 3.0) -> None:
+    async def recover_forever(self, stop: asyncio.Event, every: float = 3.0, busy_every: float = 1.0) -> None:
+        """A recovery pass every ``every`` seconds; every ``busy_every`` while work is left over (compensations
+        waiting for an upstream to come back), so that it is paid soon after it can be."""
         try:
             while not stop.is_set():
+                pause = every
                 try:
-                    await self.recover(wait=every)
+                    if await self.recover(wait=every) or self._recovering:
+                        pause = busy_every
                 except errors.DomainError as exc:
                     log.warning("recovery pass failed: %s", exc.code)
                 except Exception:  # noqa: BLE001 - the loop must outlive a bad pass (e.g. database down)
                     log.exception("recovery pass failed")
                 try:
-                    await asyncio.wait_for(stop.wait(), every)
+                    await asyncio.wait_for(stop.wait(), pause)
                 except asyncio.TimeoutError:
                     pass
         finally:

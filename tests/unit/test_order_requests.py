@@ -103,13 +103,16 @@ async def test_the_gate_runs_so_many_lets_so_many_wait_and_refuses_the_rest():
     await gate.enter(1)
     third = asyncio.ensure_future(gate.enter(5))
     await asyncio.sleep(0)
-    assert gate.active == 2 and gate.waiting == 1
+    assert gate.active == 2 and gate.waiting == 1 and gate.full
+    with pytest.raises(errors.Unavailable):
+        gate.refuse_if_full()
     with pytest.raises(errors.Unavailable) as info:  # nobody else may wait: a 503 at once
         await gate.enter(5)
     assert info.value.retry_after and info.value.code == "checkout_busy"
     gate.leave()  # a checkout ends: the waiting one takes its place
     await asyncio.wait_for(third, 1)
-    assert gate.active == 2 and gate.waiting == 0
+    assert gate.active == 2 and gate.waiting == 0 and not gate.full
+    gate.refuse_if_full()
     with pytest.raises(errors.Unavailable):  # waited too long: a 503, and its place is not lost
         await gate.enter(0.05)
     gate.leave()
