@@ -49,7 +49,8 @@ async def until(check, timeout: float, every: float = 0.25, describe=lambda: "")
         value = await check()
         if value:
             return value
-        assert time.monotonic() < deadline, f"gave up after {timeout:g}s: {describe()}"
+        if time.monotonic() >= deadline:
+            pytest.fail(f"gave up after {timeout:g}s: {describe()}")
         await asyncio.sleep(every)
 
 
