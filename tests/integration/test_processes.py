@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import ROOT, http_get
+from harness import ROOT, AllInOne, free_base, http_get
 
 from bookshop import SERVICES
 
@@ -53,7 +53,6 @@ def test_each_service_says_what_it_is_in_ps(shop):
 
 @pytest.mark.skipif(bool(os.environ.get("MONGODB_URI")), reason="exercises the embedded database")
 def test_the_all_in_one_mode_names_the_supervisor_the_database_and_each_service(tmp_path):
-    from test_run import AllInOne, free_base
     data = str(tmp_path / "var")
     os.makedirs(data)
     base = free_base()

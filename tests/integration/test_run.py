@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from harness import ADMIN_EMAIL, ADMIN_PASSWORD, ROOT, RUN_PY, http_get
+from harness import ROOT, RUN_PY, AllInOne, free_base, http_get
 
 from bookshop import SERVICES
 
@@ -39,72 +37,6 @@ def test_bad_settings_end_start_up_with_one_line_and_code_2(env, args, needle):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert needle in lines[0] and "Traceback" not in result.stderr
-
-
-def free_base() -> int:
-    for _ in range(200):
-        base = random.randrange(20000, 40000)
-        try:
-            socks = []
-            for offset in SERVICES.values():
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", base + offset))
-                socks.append(sock)
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port range")
-
-
-class AllInOne:
-    def __init__(self, data_dir: str, base: int, **env):
-        self.data_dir = data_dir
-        self.base = base
-        self.env = {"BOOKSHOP_DATA_DIR": data_dir, "BOOKSHOP_PORT_BASE": str(base), "BOOKSHOP_HOST": "127.0.0.1",
-                    "BOOKSHOP_ADMIN_EMAIL": ADMIN_EMAIL, "BOOKSHOP_ADMIN_PASSWORD": ADMIN_PASSWORD,
-                    "BOOKSHOP_LOG_LEVEL": "WARNING", **env}
-        self.proc = None
-
-    def start(self):
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("BOOKSHOP_", "MONGODB_"))}
-        full_env.update(self.env)
-        self.log = open(os.path.join(self.data_dir, "run.log"), "ab")
-        self.proc = subprocess.Popen([sys.executable, RUN_PY], env=full_env, stdout=self.log, stderr=self.log,
-                                     stdin=subprocess.DEVNULL, cwd=ROOT)
-        self.log.close()
-        return self
-
-    def url(self, service: str) -> str:
-        return f"http://127.0.0.1:{self.base + SERVICES[service]}"
-
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        started = time.monotonic()
-        for name in SERVICES:
-            while True:
-                assert self.proc.poll() is None, self.logs()
-                try:
-                    if http_get(self.url(name) + "/readyz", 0.5)[0] == 200:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() - started < timeout, self.logs()
-                time.sleep(0.05)
-        return time.monotonic() - started
-
-    def pid_of(self, name: str) -> int:
-        return json.loads(http_get(self.url(name) + "/healthz")[1])["pid"]
-
-    def logs(self) -> str:
-        with open(os.path.join(self.data_dir, "run.log"), errors="replace") as fh:
-            return fh.read()[-4000:]
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
 
 
 def alive(pid: int) -> bool:
