@@ -487,9 +487,10 @@ def steps_report(bench: c.Bench, shop: c.Shop, meter: c.ShopMeter, customer: dic
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
-def by_collection(usage: c.Usage, orders: int, limit: int = 12) -> dict:
+def by_collection(usage: c.Usage, orders: int, prefix: str, limit: int = 12) -> dict:
+    """Write commands per order by collection, named ``service.collection`` (the shop's prefix left out)."""
     top = sorted(usage.writes_by_collection.items(), key=lambda kv: -kv[1])[:limit]
-    return {ns: round(n / max(1, orders), 2) for ns, n in top}
+    return {ns.removeprefix(prefix + "_"): round(n / max(1, orders), 2) for ns, n in top}
 
 
 def main(argv=None) -> int:
@@ -570,7 +571,7 @@ def main(argv=None) -> int:
                        "db_ops_per_order": per_order, "db_ops_per_order_by_server": {
                            name: round(ops["writes"] / max(1, confirmed), 2)
                            for name, ops in usage.ops_by_server.items()},
-                       "writes_per_order_by_collection": by_collection(usage, confirmed),
+                       "writes_per_order_by_collection": by_collection(usage, confirmed, shop.prefix),
                        "cpu_ms_per_order": cpu_per_order}
 
         # overload
