@@ -40,3 +40,40 @@ def test_every_public_route_of_the_gateway_is_described():
             route = pattern.replace(alternatives.group(0), word) if word else pattern
             route = re.sub(r"\([^)]*\)", "{}", route)
             assert route in described, f"{route} is served but not described"
+
+
+def test_every_request_body_has_examples_that_its_schema_accepts():
+    import jsonschema
+    import referencing
+    doc = source()
+    registry = referencing.Registry().with_resource("urn:bookshop", referencing.Resource.from_contents(
+        doc, default_specification=referencing.jsonschema.DRAFT202012))
+    checked = 0
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            body = operation.get("requestBody") if isinstance(operation, dict) else None
+            if body is None:
+                continue
+            content = body["content"]["application/json"]
+            examples = [content["example"]] if "example" in content else \
+                [e["value"] for e in content.get("examples", {}).values()]
+            assert examples, f"{method.upper()} {path} has no request example"
+            schema = {"$ref": "urn:bookshop#" + content["schema"]["$ref"].lstrip("#")} \
+                if "$ref" in content["schema"] else content["schema"]
+            validator = jsonschema.Draft202012Validator(schema, registry=registry)
+            for example in examples:
+                errors = [e.message for e in validator.iter_errors(example)]
+                assert not errors, f"{method.upper()} {path}: example {example} fails its schema: {errors}"
+                checked += 1
+    assert checked >= 11
+
+
+def test_post_books_and_post_orders_link_to_the_operations_that_use_their_ids():
+    paths = source()["paths"]
+    book_links = paths["/api/v1/books"]["post"]["responses"]["201"]["links"]
+    linked = {link["operationId"] for link in book_links.values()}
+    assert {"getBookPage", "updateBook", "deleteBook", "restock"} <= linked
+    for status in ("201", "202"):
+        order_links = paths["/api/v1/orders"]["post"]["responses"][status]["links"]
+        assert {link["operationId"] for link in order_links.values()} == {
+            "getOrder", "getOrderPayments", "cancelOrder", "shipOrder"}
