@@ -47,8 +47,8 @@ def make_shop(mongodb_uri, log_dir):
 
     def make(env=None, services=None):
         s = Shop(mongodb_uri, env=env, log_dir=log_dir)
+        shops.append(s)  # before start(): a shop that never got ready is stopped too
         s.start(*(services or ()))
-        shops.append(s)
         return s
     yield make
     for s in shops:
