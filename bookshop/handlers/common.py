@@ -78,7 +78,7 @@ class EventStreamSocket(tornado.websocket.WebSocketHandler):
     stream or its fallback look), and otherwise only every ``IDLE_READ`` seconds, as a safety net.
     """
 
-    IDLE_READ = 15.0
+    IDLE_READ = 60.0
 
     def initialize(self, ctx=None, route="?", **_):
         self.ctx = ctx

@@ -102,7 +102,7 @@ class LevelRepo:
         decided holds to the archive with them), and is woken in-process after every write that embedded one."""
         self.levels = database["levels"]
         self.archive = HoldArchive(database)
-        self._announce = events.announce if events is not None else (lambda: None)
+        self._announce = (lambda: events.announce(outbox=False)) if events is not None else (lambda: None)
         if events is not None:
             events.add_source(self.pending_events)
 

@@ -43,9 +43,9 @@ from bson import ObjectId
 log = logging.getLogger(__name__)
 
 RETENTION = datetime.timedelta(hours=48)
-LEASE_SECONDS = 20.0
-FALLBACK_SECONDS = 10.0  # the relay's slow poll, for other processes' leftovers only
-FOREIGN_WATCH_SECONDS = 60.0  # how long a change stream stays open after another process was seen numbering
+LEASE_SECONDS = 10.0
+FALLBACK_SECONDS = 30.0  # the relay's slow poll, for other processes' leftovers only
+FOREIGN_WATCH_SECONDS = 600.0  # how long a change stream stays open after another process was seen numbering
 
 
 def utcnow() -> datetime.datetime:
@@ -86,6 +86,9 @@ class EventLog:
         self.last_seen = 0
         self.sources: list[EmbeddedSource] = []
         self.written = asyncio.Event()  # set by announce(): an event waits to be numbered
+        # what the relay's next woken pass must read (its fallback passes read everything)
+        self.outbox_written = True
+        self.sources_written = True
         self._waiters = 0
         self._last_waiting = 0.0  # loop time a reader last waited
         self._watch_check = asyncio.Event()
@@ -96,19 +99,25 @@ class EventLog:
         if source not in self.sources:
             self.sources.append(source)
 
-    def announce(self) -> None:
-        """An event was written in this process (durably): the relay moves it now. No I/O."""
+    def announce(self, outbox: bool = True, embedded: bool = True) -> None:
+        """An event was written in this process (durably): the relay moves it now. No I/O. A repository that
+        only embeds events says ``outbox=False`` (the woken pass then skips reading the outbox)."""
+        self.outbox_written = self.outbox_written or outbox
+        self.sources_written = self.sources_written or embedded
         self.written.set()
+
+    def _announce_outbox(self) -> None:
+        self.announce(embedded=False)
 
     def _announce_after(self, session) -> None:
         if session is None:
-            self.announce()
+            self._announce_outbox()
             return
         after_commit = getattr(self._db, "after_commit", None)
         if after_commit is None:  # not a bookshop Database: announce now; the fallback pass covers an early look
-            self.announce()
+            self._announce_outbox()
         else:
-            after_commit(session, self.announce)
+            after_commit(session, self._announce_outbox)
 
     async def create_indexes(self) -> None:
         await self.events.create_index("seq", unique=True)
@@ -238,6 +247,7 @@ class Relay:
         self._next_seq: int | None = None
         self._lease_until: datetime.datetime | None = None
         self.blocked = False  # events are waiting but another process holds the lease
+        self._careful = True  # look up which sources are numbered already (after a start, a take-over, a failure)
         self.moved = 0
 
     def kick(self) -> None:
@@ -264,6 +274,7 @@ class Relay:
                 self.log.saw_foreign_numbering()
                 return False
             self._next_seq = None  # someone may have numbered since we last held it: re-read the tail
+            self._careful = True  # ... and may have died between numbering and removing what it numbered
         update: dict = {"$set": {"owner": self.owner, "lease_until": now + datetime.timedelta(seconds=LEASE_SECONDS)}}
         if self._next_seq is not None and self._next_seq > 1:
             update["$max"] = {"last_seq": self._next_seq - 1}
@@ -296,23 +307,38 @@ class Relay:
         await self.log.meta.update_one({"_id": "relay", "owner": self.owner}, update)
         self._lease_until = None
 
-    async def run_once(self) -> int:
+    async def run_once(self, full: bool = True) -> int:
         """Move one batch; returns how many events were numbered. Looks (reads only) before it takes the
-        lease, so a pass with nothing to move writes nothing."""
-        pending = await self.log.outbox.find({}).sort("_id", 1).limit(self.batch).to_list(self.batch)
+        lease, so a pass with nothing to move writes nothing. ``full=False``: read only what this process
+        announced since the last pass (nothing announced: no read at all)."""
+        log_ = self.log
+        read_outbox, read_sources = full or log_.outbox_written, full or log_.sources_written
+        log_.outbox_written = log_.outbox_written and not read_outbox
+        log_.sources_written = log_.sources_written and not read_sources
+        pending = []
+        if read_outbox:
+            pending = await log_.outbox.find({}).sort("_id", 1).limit(self.batch).to_list(self.batch)
         items: list[tuple[dict, Callable[[], Awaitable[Any]] | None]] = [(p, None) for p in pending]
-        for source in self.log.sources:
-            items.extend(await source(self.batch))
+        if read_sources:
+            for source in log_.sources:
+                items.extend(await source(self.batch))
+        # a full batch may have left more behind: the next pass reads that kind again
+        log_.outbox_written = log_.outbox_written or len(pending) >= self.batch
+        log_.sources_written = log_.sources_written or len(items) - len(pending) >= self.batch
         if not items:
             self.blocked = False
             return 0
         if not await self._hold_lease():
             self.blocked = True
+            log_.outbox_written = log_.outbox_written or read_outbox
+            log_.sources_written = log_.sources_written or read_sources
             return 0
         self.blocked = False
-        sources = [str(ev["_id"]) for ev, _ in items]
-        done = {d["source"] for d in await self.log.events.find(
-            {"source": {"$in": sources}}, {"source": 1}).to_list(None)}
+        done: set = set()
+        if self._careful:
+            sources = [str(ev["_id"]) for ev, _ in items]
+            done = {d["source"] for d in await log_.events.find(
+                {"source": {"$in": sources}}, {"source": 1}).to_list(None)}
         docs = []
         seq = self._next_seq
         for ev, _ in items:
@@ -326,26 +352,33 @@ class Relay:
             seq += 1
         if docs:
             try:
-                await self.log.events.insert_many(docs, ordered=True)
+                await log_.events.insert_many(docs, ordered=True)
             except pymongo.errors.BulkWriteError as exc:
+                # another relay numbered these seqs (we lost the lease), or these sources (it died before
+                # removing them): re-read the tail, look the sources up, and try again soon
                 inserted = exc.details.get("nInserted", 0)
                 log.warning("relay fenced after %d events; re-reading the log tail", inserted)
                 self._next_seq = None
                 self._lease_until = None
-                self.blocked = True  # look again soon: the events are still waiting
+                self._careful = True
+                self.blocked = True
+                log_.outbox_written = log_.outbox_written or read_outbox
+                log_.sources_written = log_.sources_written or read_sources
                 if inserted:
-                    await self.log.notify(docs[inserted - 1]["seq"])
+                    await log_.notify(docs[inserted - 1]["seq"])
                 return inserted
             self._next_seq = seq
         # the events are numbered: now remove them from where they waited
+        self._careful = True  # until the removal below is done
         if pending:
-            await self.log.outbox.delete_many({"_id": {"$in": [p["_id"] for p in pending]}})
+            await log_.outbox.delete_many({"_id": {"$in": [p["_id"] for p in pending]}})
         acks = [ack for _, ack in items if ack is not None]
         for ack in acks:
             await ack()
+        self._careful = False
         if docs:
             self.moved += len(docs)
-            await self.log.notify(docs[-1]["seq"])
+            await log_.notify(docs[-1]["seq"])
         return len(docs)
 
     async def look_around(self) -> None:
@@ -361,18 +394,22 @@ class Relay:
             self.log.last_seen = max(self.log.last_seen, await self.log.latest_seq())
         except pymongo.errors.PyMongoError as exc:
             log.warning("relay start: %s", exc)
+        full = True  # the first pass reads everything: what was left before we started
         while not stop.is_set():
             self.log.written.clear()  # before the pass: what is written during it wakes the next one
             try:
-                moved = await self.run_once()
+                moved = await self.run_once(full=full)
             except asyncio.CancelledError:
                 raise
             except pymongo.errors.PyMongoError as exc:
                 log.warning("relay pass failed: %s", exc)
                 self._next_seq = None
                 self._lease_until = None
+                self._careful = True
+                full = True
                 await _first(stop, None, 1.0)
                 continue
+            full = self.blocked
             if moved:
                 continue
             await _first(stop, self.log.written, self.BLOCKED_RETRY if self.blocked else self.fallback)
@@ -382,6 +419,7 @@ class Relay:
                 if self.coalesce:
                     await asyncio.sleep(self.coalesce)
             elif not self.blocked:
+                full = True  # the fallback pass
                 try:
                     await self.look_around()
                 except pymongo.errors.PyMongoError as exc:

@@ -3,6 +3,7 @@ all-or-nothing, idempotent, expiring, and never overselling across service insta
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import subprocess
 import sys
@@ -10,11 +11,12 @@ import time
 import uuid
 
 import aiohttp
+import pymongo
 import pytest
 
 from bookshop.procs import free_port
 from client import Api, fresh_isbn
-from harness import ROOT, RUN_PY
+from harness import ROOT, RUN_PY, Shop
 
 
 async def service_token(shop, session: aiohttp.ClientSession) -> str:
@@ -372,3 +374,55 @@ async def test_a_held_reservation_expires_and_returns_its_stock(make_shop):
         r = await inv.get(f"/internal/reservations/{committed}")
         assert r.body["state"] == "committed"  # a sale never expires
         assert await levels(api, isbn) == (4, 0, 4)
+
+
+# -- a data directory written by the earlier code ---------------------------------------------------------
+@pytest.mark.gen_test(timeout=120)
+async def test_reservations_written_by_the_earlier_code_carry_on_after_an_upgrade(mongodb_uri, log_dir):
+    """Reservation headers and old-shape holds, as the code with headers left them (one order held, one whose
+    commit died half-way, one sold), inserted straight into the collections: the new inventory starts on
+    them, finishes or converts them, and answers for them as before."""
+    shop = Shop(mongodb_uri, log_dir=log_dir)
+    a, b = "9780306406157", "9780804429573"
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=10)
+    client = pymongo.MongoClient(mongodb_uri)
+    try:
+        db = client[f"{shop.prefix}_inventory"]
+        db["levels"].insert_many([
+            {"_id": a, "on_hand": 10, "reserved": 3, "available": 7, "pending": [],
+             "holds": [{"order": "held-1", "qty": 2}, {"order": "half-1", "qty": 1}]},
+            {"_id": b, "on_hand": 4, "reserved": 1, "available": 3, "pending": [],
+             "holds": [{"order": "held-1", "qty": 1}]}])  # half-1's unit of b was sold already
+        db["reservations"].insert_many([
+            {"_id": "held-1", "items": [{"isbn": a, "quantity": 2}, {"isbn": b, "quantity": 1}], "state": "held",
+             "expires_at": soon},
+            {"_id": "half-1", "items": [{"isbn": a, "quantity": 1}, {"isbn": b, "quantity": 1}],
+             "state": "committed", "busy": True, "lock_until": soon, "expires_at": soon},
+            {"_id": "sold-1", "items": [{"isbn": b, "quantity": 1}], "state": "committed", "expires_at": soon}])
+    finally:
+        client.close()
+    shop.start("users", "catalog", "inventory")
+    try:
+        async with aiohttp.ClientSession() as session:
+            inv = await internal(shop, session)
+            public = Api(shop, session, base=shop.url("inventory") + "/api/v1")
+            states = {o: (await inv.get(f"/internal/reservations/{o}")).body["state"]
+                      for o in ("held-1", "half-1", "sold-1")}
+            assert states == {"held-1": "held", "half-1": "committed", "sold-1": "committed"}
+            assert await levels(public, a) == (9, 2, 7)  # half-1's commit was finished: its unit of a sold
+            assert await levels(public, b) == (4, 1, 3)
+            r = await inv.post("/internal/reservations/held-1/commit")
+            assert r.status == 200 and r.body["state"] == "committed"
+            r = await inv.post("/internal/reservations/sold-1/put-back")
+            assert r.status == 200 and r.body["state"] == "returned"
+            r = await inv.post("/internal/reservations/half-1/release")
+            assert r.status == 409 and r.body["error"]["details"]["state"] == "committed"
+            assert await levels(public, a) == (7, 0, 7)
+            assert await levels(public, b) == (4, 0, 4)
+    finally:
+        shop.stop()
+    client = pymongo.MongoClient(mongodb_uri)
+    try:
+        assert client[f"{shop.prefix}_inventory"]["reservations"].count_documents({}) == 0
+    finally:
+        client.close()
