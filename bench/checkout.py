@@ -403,7 +403,7 @@ async def orders_db_work(uri: str, isbn: str, samples: int) -> dict:
 
     from bookshop.services.checkout import Checkout, PlaceOrder
     from bookshop.storage.mongo import Database
-    from bookshop.storage.orders import IdempotencyRepo, OrderRepo, new_order_id
+    from bookshop.storage.orders import OrderRepo, new_order_id
     from bookshop.storage.outbox import EventLog, utcnow
 
     class Catalog:
@@ -427,9 +427,8 @@ async def orders_db_work(uri: str, isbn: str, samples: int) -> dict:
     monitoring.register(listener)  # applies to clients created from now on: the Database below
     database = Database(uri, "bench_orders_" + uuid.uuid4().hex[:8])
     try:
-        repo, idem = OrderRepo(database, EventLog(database)), IdempotencyRepo(database)
+        repo = OrderRepo(database, EventLog(database))
         await repo.create_indexes()
-        await idem.create_indexes()
         checkout = Checkout(repo, Catalog(), Inventory(), Payments(), "EUR", 10.0, now=utcnow)
         laps = Laps()
         listener.counts.clear()
@@ -438,15 +437,12 @@ async def orders_db_work(uri: str, isbn: str, samples: int) -> dict:
             cmd = PlaceOrder(user_id=user, lines=[(isbn, 1)], shipping_address=c.ADDRESS, card=c.TEST_CARD,
                              expected_total_cents=None, from_cart=False)
             laps.start()
-            await idem.get(user, key)
-            await idem.begin(user, key, "fingerprint", order_id)
-            laps.lap("idempotency claim")
-            order = await checkout.create(order_id, cmd)
-            laps.lap("create order")
+            await repo.by_key(user, key)
+            laps.lap("idempotency lookup")
+            order = await checkout.create(order_id, cmd, key, "fingerprint")  # the key lives in the order
+            laps.lap("create order (with its key)")
             await checkout.run(order, c.TEST_CARD)
-            laps.lap("saga (instant upstreams) + confirm")
-            await idem.finish(user, key, 201, {"id": order_id})
-            laps.lap("idempotency answer")
+            laps.lap("saga (instant upstreams) + confirm (records the answer)")
         per_order = {name: round(n / samples, 2) for name, n in sorted(listener.counts.items())}
         await database.client.drop_database(database.name)
         medians = {name: statistics.median(v) for name, v in laps.times.items()}
