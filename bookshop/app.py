@@ -14,7 +14,7 @@ import tornado.web
 from bookshop import tracing
 from bookshop.auth import TokenVerifier
 from bookshop.clients.base import Http, ServiceTokens, UpstreamStates
-from bookshop.handlers.base import BaseHandler, NotFoundHandler
+from bookshop.handlers.base import Application, BaseHandler, NotFoundHandler
 from bookshop.handlers import common
 from bookshop.metrics import Metrics
 from bookshop.settings import Settings
@@ -151,7 +151,7 @@ def make_app(ctx: ServiceContext, routes: list[tuple], **settings) -> tornado.we
         kwargs.setdefault("ctx", ctx)
         kwargs.setdefault("route", pattern.replace("\\", ""))
         rules.append(tornado.web.url(pattern, handler, kwargs))
-    return tornado.web.Application(
+    return Application(
         rules, default_handler_class=NotFoundHandler, default_handler_args={"ctx": ctx, "route": "unknown"},
         log_function=log_request, compress_response=False, xsrf_cookies=False, **settings)
 

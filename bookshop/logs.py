@@ -11,6 +11,8 @@ from opentelemetry import trace
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 service_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("service", default=None)
+#: the (trace id, span id) of the request being served, as the log lines write them (bookshop.tracing sets it)
+trace_ids_var: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("trace_ids", default=None)
 
 _quote = json.encoder.encode_basestring_ascii  # a JSON string literal, as json.dumps writes it (C)
 
@@ -43,10 +45,13 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None) or request_id_var.get()
         if request_id is not None:
             out += (', "request_id": ', _quote(str(request_id)))
-        span = trace.get_current_span().get_span_context()
-        if span.is_valid:
-            out += (', "trace_id": "', format(span.trace_id, "032x"), '", "span_id": "', format(span.span_id, "016x"),
-                    '"')
+        ids = trace_ids_var.get()
+        if ids is None:  # not in a request: a span made current some other way, or none
+            span = trace.get_current_span().get_span_context()
+            if span.is_valid:
+                ids = (format(span.trace_id, "032x"), format(span.span_id, "016x"))
+        if ids is not None:
+            out += (', "trace_id": "', ids[0], '", "span_id": "', ids[1], '"')
         out += (', "msg": ', _quote(record.getMessage()))
         if record.exc_info:
             out += (', "exc": ', _quote(self.formatException(record.exc_info)))
@@ -54,9 +59,28 @@ class JsonFormatter(logging.Formatter):
         return "".join(out)
 
 
+class LineHandler(logging.StreamHandler):
+    """A ``StreamHandler`` that writes each line in one call, and flushes only a stream that does not write
+    through by itself (stderr does): one line per request."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._flush = not (getattr(stream, "write_through", False) or getattr(stream, "line_buffering", False))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + "\n")
+            if self._flush:
+                self.stream.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler: report, never raise into the caller
+            self.handleError(record)
+
+
 def setup_logging(service: str, level: str = "INFO", stream=None) -> None:
     service_var.set(service)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = LineHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

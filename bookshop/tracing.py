@@ -42,6 +42,8 @@ from opentelemetry.trace import (INVALID_SPAN, Link, NonRecordingSpan, SpanConte
 
 from pymongo import monitoring
 
+from bookshop.logs import trace_ids_var
+
 log = logging.getLogger(__name__)
 
 TEST_SPAN_DIR = "BOOKSHOP_TEST_SPAN_DIR"
@@ -164,15 +166,17 @@ def start_request(headers, method: str, route: str, path: str) -> trace.Span:
         span = _state.tracer.start_span(route, parent, SpanKind.SERVER)
     # never detached: the context belongs to the handler's own task and ends with it
     otel_context.attach(trace.set_span_in_context(span, parent))
+    ids = span.get_span_context()
+    trace_ids_var.set((format(ids.trace_id, "032x"), format(ids.span_id, "016x")))
     return span
 
 
 def end_request(span: trace.Span, status: int) -> None:
-    if span.is_recording():
+    if span.is_recording():  # else there is nothing to end
         span.set_attribute("http.response.status_code", status)
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR))
-    span.end()
+        span.end()
 
 
 def start_call(peer: str, method: str, url: str, path: str) -> trace.Span:
@@ -227,10 +231,12 @@ def path_template(path: str) -> str:
 
 def current_ids() -> tuple[str, str] | None:
     """The current span's (trace id, span id) as 32 and 16 hex digits, or None outside any trace."""
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return None
-    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+    ids = trace_ids_var.get()
+    if ids is None:
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            ids = format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+    return ids
 
 
 def traceparent() -> str | None:
@@ -252,8 +258,13 @@ def linked_trace(name: str, remembered: str | None, attributes: Mapping[str, Any
         if origin.is_valid:
             links.append(Link(origin))
     span = _state.tracer.start_span(name, otel_context.Context(), SpanKind.INTERNAL, attributes, links)
-    with trace.use_span(span, end_on_exit=True):
-        yield span
+    ctx = span.get_span_context()
+    token = trace_ids_var.set((format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")))
+    try:
+        with trace.use_span(span, end_on_exit=True):
+            yield span
+    finally:
+        trace_ids_var.reset(token)
 
 
 # -- database commands ------------------------------------------------------------------------------------------

@@ -94,9 +94,11 @@ class BaseHandler(tornado.web.RequestHandler):
         rid = getattr(self, "_request_id", None)
         if rid is not None:
             self.set_header("X-Request-ID", rid)
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.set_header("Cache-Control", "no-store")
-        self.set_header("X-Content-Type-Options", "nosniff")
+        # constants: straight into the headers, without set_header's checks of each value (for every request)
+        headers = self._headers
+        headers["Content-Type"] = "application/json; charset=UTF-8"
+        headers["Cache-Control"] = "no-store"
+        headers["X-Content-Type-Options"] = "nosniff"
 
     @property
     def request_id(self) -> str:
@@ -109,13 +111,13 @@ class BaseHandler(tornado.web.RequestHandler):
         """Start the request's span (current from here on: log lines and upstream calls carry its trace) and
         settle its id: the caller's ``X-Request-ID``, or else the trace id (random like a uuid4, and free)."""
         request = self.request
-        self._span = span = tracing.start_request(request.headers, request.method, self.route, request.path)
-        given = request.headers.get("X-Request-ID", "")
+        self._span = tracing.start_request(request.headers, request.method, self.route, request.path)
+        given = _header(request.headers, "X-Request-ID") or ""
         if REQUEST_ID.match(given):
             rid = given
         else:
-            trace_id = span.get_span_context().trace_id
-            rid = format(trace_id, "032x") if trace_id else uuid.uuid4().hex
+            ids = tracing.current_ids()
+            rid = ids[0] if ids else uuid.uuid4().hex
         self._request_id = rid
         self.set_header("X-Request-ID", rid)
         request_id_var.set(rid)
@@ -131,12 +133,13 @@ class BaseHandler(tornado.web.RequestHandler):
         inflight = getattr(self.ctx, "inflight", None)
         if inflight is not None:
             inflight.add(self)
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY:
-            # answered with 413 once the body is read (and discarded): answering before would reset the
-            # connection while the client is still sending, and it would never see our JSON
-            self._too_large = True
-        self.request.connection.set_max_body_size(64 * MAX_BODY)
+        if self._stream_request_body:  # else there is no body (Application)
+            length = _header(self.request.headers, "Content-Length")
+            if length is not None and length.isdigit() and int(length) > MAX_BODY:
+                # answered with 413 once the body is read (and discarded): answering before would reset the
+                # connection while the client is still sending, and it would never see our JSON
+                self._too_large = True
+            self.request.connection.set_max_body_size(64 * MAX_BODY)
         try:
             await self.check()
         except (errors.DomainError, tornado.web.HTTPError) as exc:
@@ -179,7 +182,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     # -- authentication ---------------------------------------------------------------------------------
     async def authenticate(self) -> None:
-        token = auth.bearer(self.request.headers.get("Authorization"))
+        token = auth.bearer(_header(self.request.headers, "Authorization"))
         if token is not None:
             verifier = getattr(self.ctx, "verifier", None)
             if verifier is None:
@@ -244,6 +247,37 @@ class BaseHandler(tornado.web.RequestHandler):
     def on_connection_close(self) -> None:
         self.on_finish()
         super().on_connection_close()
+
+
+class Application(tornado.web.Application):
+    """Serves a request without a body with a non-streaming twin of its handler class.
+
+    ``BaseHandler`` reads bodies as a stream (that is what lets it answer a body over the limit with a JSON
+    413), and a streaming handler costs every request two more wake-ups of its task (prepare, then wait for
+    the body); a request with no body to read (no ``Content-Length`` or 0, no ``Transfer-Encoding``: most
+    GETs) need not pay them."""
+
+    _twins: dict[type, type] = {}
+
+    def get_handler_delegate(self, request, target_class, target_kwargs=None, path_args=None, path_kwargs=None):
+        if target_class._stream_request_body and _bodiless(request.headers):
+            twin = self._twins.get(target_class)
+            if twin is None:
+                twin = self._twins[target_class] = type(target_class.__name__, (target_class,), {
+                    "_stream_request_body": False, "__module__": target_class.__module__,
+                    "__qualname__": target_class.__qualname__})
+            target_class = twin
+        return super().get_handler_delegate(request, target_class, target_kwargs, path_args, path_kwargs)
+
+
+def _bodiless(headers) -> bool:
+    return "Transfer-Encoding" not in headers and _header(headers, "Content-Length") in (None, "0")
+
+
+def _header(headers, name: str) -> str | None:
+    """``headers.get(name)``, without the KeyError that ``HTTPHeaders.get`` raises and catches for a header
+    the request does not have (most of them, for every request)."""
+    return headers[name] if name in headers else None
 
 
 class NotFoundHandler(BaseHandler):
