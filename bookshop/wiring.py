@@ -137,6 +137,16 @@ async def _orders(ctx: ServiceContext) -> list:
     await ctx.event_log.create_indexes()
     await repo.create_indexes()
     await repo.convert_legacy()  # a data directory written by the version with idempotency records and transactions
+    if ctx.settings.demo_data:
+        # a made-up purchase history, so a first run's recommendations have something to say; written in the
+        # background (a second or so on the embedded server), not in the start-up's 3 s
+        async def seed_demo_history():
+            from bookshop.services import demo_data
+            seeded = await repo.seed_demo(demo_data.demo_orders(demo_data.demo_books(), utcnow().date(),
+                                                                ctx.settings.currency))
+            if seeded:
+                log.info("seeded a demo purchase history (%d confirmed orders)", seeded)
+        ctx.spawn(seed_demo_history(), "demo orders")
     catalog = _client(ctx, clients.CatalogClient, "catalog")
     inventory = _client(ctx, clients.InventoryClient, "inventory")
     payments = _client(ctx, clients.PaymentsClient, "payments", failure_threshold=3, recovery_timeout=3.0)

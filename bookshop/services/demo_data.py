@@ -7,6 +7,7 @@ is invented (ISBNs are checksum-valid, 978-prefixed, in the English-language gro
 """
 from __future__ import annotations
 
+import datetime
 import random
 
 from bookshop.services.isbn import isbn13_check_digit
@@ -278,3 +279,88 @@ def demo_stock_levels(books: list[dict], seed: int = 7) -> dict[str, int]:
         else:
             levels[isbn] = rng.randint(LOW_STOCK_MAX + 1, MAX_STOCK)
     return levels
+
+
+# -- a made-up purchase history ----------------------------------------------------------------------------------
+DEMO_ORDERS_MAX = 500
+DEMO_READERS = 120
+DEMO_PATTERNS = 6
+DEMO_DAYS = 180
+
+
+def demo_patterns(books: list[dict]) -> list[list[str]]:
+    """The tastes of the demo history: ``DEMO_PATTERNS`` groups of three books, each over three categories
+    ("readers of X also buy Y and Z")."""
+    by_category: dict[str, list[dict]] = {}
+    for book in books:
+        by_category.setdefault(book["category"], []).append(book)
+    categories = list(by_category)
+    if len(categories) < 3:
+        return []
+    patterns = []
+    for k in range(min(DEMO_PATTERNS, len(categories))):
+        picks = [by_category[categories[(k + step) % len(categories)]] for step in (0, 3, 6)]
+        group = [shelf[k % len(shelf)]["isbn"] for shelf in picks]  # the k-th of each: patterns share no book
+        if len(set(group)) == 3:
+            patterns.append(group)
+    return patterns
+
+
+def demo_purchases(books: list[dict], today: datetime.date, seed: int = 7) -> list[dict]:
+    """At most ``DEMO_ORDERS_MAX`` made-up confirmed orders of ``DEMO_READERS`` made-up readers, all before
+    ``today`` (within ``DEMO_DAYS`` days), the same for the same books, day and seed. Most readers follow one of
+    the :func:`demo_patterns`; the others buy at random. Each order: ``{id, user_id, created_at, items:
+    [{isbn, title, quantity, unit_price_cents}]}``, ids growing with ``created_at`` (as ObjectIds do)."""
+    if not books:
+        return []
+    rng = random.Random(f"bookshop-demo-orders:{seed}")
+    by_isbn = {b["isbn"]: b for b in books}
+    everything = sorted(by_isbn)
+    patterns = demo_patterns(books)
+    midnight = datetime.datetime.combine(today, datetime.time(), tzinfo=datetime.timezone.utc)
+    orders: list[dict] = []
+    for reader in range(DEMO_READERS):
+        user_id = f"demo-reader-{reader + 1:03d}"
+        taste = patterns[reader % len(patterns)] if patterns and reader % 8 != 7 else []
+        bought: list[str] = []
+        times = sorted(midnight - datetime.timedelta(seconds=rng.randrange(60, DEMO_DAYS * 86400))
+                       for _ in range(rng.randint(2, 5)))
+        for at in times:
+            lines = []
+            for _ in range(rng.choice((1, 1, 2))):
+                pool = [i for i in taste if i not in bought] if rng.random() < 0.8 else []
+                pool = pool or [i for i in everything if i not in bought]
+                if pool:
+                    isbn = rng.choice(pool)
+                    bought.append(isbn)
+                    lines.append(isbn)
+            if lines and len(orders) < DEMO_ORDERS_MAX:
+                orders.append({
+                    "id": f"{int(at.timestamp()):08x}{rng.randrange(16 ** 16):016x}", "user_id": user_id,
+                    "created_at": at,
+                    "items": [{"isbn": i, "title": by_isbn[i]["title"], "quantity": 1,
+                               "unit_price_cents": by_isbn[i]["price_cents"]} for i in lines]})
+    return sorted(orders, key=lambda o: o["id"])
+
+
+def demo_orders(books: list[dict], today: datetime.date, currency: str = CURRENCY, seed: int = 7) -> list[dict]:
+    """:func:`demo_purchases` as the orders service stores them: confirmed, made up (``demo: true``), never
+    charged (no charge exists at the payments service; ``last4`` is ``0000``), with their history."""
+    out = []
+    for order in demo_purchases(books, today, seed):
+        total = sum(i["quantity"] * i["unit_price_cents"] for i in order["items"])
+        at = order["created_at"]
+        reader = int(order["user_id"].rsplit("-", 1)[1])
+        out.append({
+            "_id": order["id"], "user_id": order["user_id"], "status": "CONFIRMED", "items": order["items"],
+            "subtotal_cents": total, "discount_cents": 0, "total_cents": total, "currency": currency,
+            "promotion_applied": False,
+            "shipping_address": {"name": f"Demo Reader {reader}", "line1": f"{reader} Demo Street",
+                                 "city": "Lyon", "postal_code": "69001", "country": "FR"},
+            "payment": {"status": "charged", "last4": "0000"},
+            "history": [{"status": "PENDING", "at": at, "by": order["user_id"]},
+                        {"status": "CONFIRMED", "at": at + datetime.timedelta(seconds=2), "by": "system"}],
+            "created_at": at, "updated_at": at + datetime.timedelta(seconds=2), "from_cart": False,
+            "open": False, "todo": [], "demo": True,
+        })
+    return out

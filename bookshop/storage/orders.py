@@ -270,6 +270,22 @@ class OrderRepo:
                                   {"_id": 1, "owner": 1}).limit(limit)
         return await cursor.to_list(limit)
 
+    async def seed_demo(self, docs: list[dict]) -> int:
+        """Insert a made-up purchase history into an empty shop, each order with its events (created, then
+        confirmed) for the relay, once even with several instances (a claim in ``meta``)."""
+        if await self.orders.estimated_document_count() > 0:
+            return 0
+        try:
+            await self.meta.insert_one({"_id": "demo_orders", "at": utcnow()})
+        except DuplicateKeyError:
+            return 0
+        for doc in docs:
+            doc["pending"] = [new_event("order.created", event_data(doc, OrderStatus.PENDING.value), doc["user_id"]),
+                              new_event("order.status_changed", event_data(doc), doc["user_id"])]
+        await self.orders.insert_many(docs, ordered=False)
+        self.wake()
+        return len(docs)
+
     # -- the relay's embedded source ---------------------------------------------------------------------------
     async def pending_events(self, limit: int):
         """Pending events of orders, in each order's own order; one acknowledgement (one write) pulls them all

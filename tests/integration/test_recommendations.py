@@ -276,3 +276,35 @@ async def test_a_confirmation_shows_on_a_cached_book_page(shop):
             page = (await api.get(f"/books/{a}")).body
             return page if listed(page["recommendations"]) == [(b, "bought_together")] else None
         await until(shown)
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_a_demo_shop_has_a_purchase_history_to_recommend_from(make_shop):
+    import datetime
+
+    from bookshop.services import demo_data
+    shop = make_shop(env={"BOOKSHOP_DEMO_DATA": "1"})
+    books = demo_data.demo_books()
+    category = {b["isbn"]: b["category"] for b in books}
+    pattern = demo_data.demo_patterns(books)[0]
+    async with aiohttp.ClientSession() as session:
+        api = Api(shop, session)
+
+        async def learned():
+            got = await recs(api, pattern[0])
+            return got if [r for _, r in got[:2]] == ["bought_together"] * 2 else None
+        got = await until(learned, 60)
+        assert {i for i, _ in got[:2]} == set(pattern[1:])
+        assert len({category[i] for i in pattern}) == 3
+
+        # made up: confirmed before today, never charged, and the stock is the demo stock
+        staff = await api.staff()
+        page = (await staff.get("/orders", params={"limit": "100"})).body["items"]
+        assert page and all(o["status"] == "CONFIRMED" for o in page)
+        today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+        assert all(o["created_at"] < today for o in page)
+        assert (await staff.get(f"/orders/{page[0]['id']}/payments")).body == []
+        levels = demo_data.demo_stock_levels(books)
+        for isbn in pattern:
+            r = await api.get(f"/inventory/{isbn}")
+            assert r.body["on_hand"] == levels[isbn] and r.body["reserved"] == 0, r

@@ -591,3 +591,44 @@ async def test_releasing_the_lease_on_shutdown_survives_a_database_that_is_gone(
         raise errors.Unavailable("database down")
     store.release_lease = down
     await learner(store, orders).release()  # logged, not raised
+
+
+# -- the demo purchase history ---------------------------------------------------------------------------------
+def test_the_demo_history_is_bounded_backdated_and_the_same_every_time():
+    import datetime
+
+    from bookshop.services import demo_data
+    books = demo_data.demo_books()
+    today = datetime.date(2025, 3, 10)
+    orders = demo_data.demo_orders(books, today, "EUR")
+    assert 0 < len(orders) <= 500
+    assert orders == demo_data.demo_orders(books, today, "EUR")
+    midnight = datetime.datetime(2025, 3, 10, tzinfo=datetime.timezone.utc)
+    assert all(o["created_at"] < midnight and o["status"] == "CONFIRMED" and o["demo"] for o in orders)
+    ids = [o["_id"] for o in orders]
+    assert len(set(ids)) == len(ids) and ids == sorted(ids)
+    assert all(len(i) == 24 and int(i, 16) >= 0 for i in ids)  # ObjectId-shaped, growing with time
+    on_sale = {b["isbn"]: b for b in books}
+    for order in orders:
+        assert order["total_cents"] == sum(i["unit_price_cents"] * i["quantity"] for i in order["items"])
+        assert all(i["isbn"] in on_sale and i["unit_price_cents"] == on_sale[i["isbn"]]["price_cents"]
+                   for i in order["items"])
+    assert demo_data.demo_orders([], today) == []
+
+
+def test_readers_of_the_demo_history_also_buy_across_categories():
+    import datetime
+
+    from bookshop.services import demo_data
+    books = demo_data.demo_books()
+    category = {b["isbn"]: b["category"] for b in books}
+    model = CoPurchases()
+    for o in demo_data.demo_orders(books, datetime.date(2025, 3, 10)):
+        model.learn(rec.OrderChange(o["user_id"], o["_id"], True, tuple(sorted({i["isbn"] for i in o["items"]}))))
+    patterns = demo_data.demo_patterns(books)
+    assert len(patterns) >= 3
+    for pattern in patterns:
+        for book in pattern:
+            top = rec.ranked_partners([model.partners[book]], {book})[:2]
+            assert set(top) == set(pattern) - {book}
+            assert len({category[i] for i in pattern}) == 3  # across categories
