@@ -2,8 +2,12 @@
 
 Entries of a stream are used only while the gateway follows that stream (a follower that lost its stream
 may have missed an invalidation). Stock entries are dropped by each ``stock.changed`` event, book entries
-(never a 404) by each ``book.*`` event, recommendations on any book event and after 30 s; the next read
-fetches them again. A fetch that raced an event is not stored (a per-stream generation counter tells).
+(never a 404) by each ``book.*`` event, recommendations on any book event, on an order event naming the
+book in its ``lines`` (a confirmation or cancellation moves its bought-together counts) and after
+``RECS_SECONDS``; the next read fetches them again. The recommendations service may apply an order event a
+moment after the gateway sees it, so what is fetched right after one is kept only briefly: a confirmation
+shows on the book page within the contract's 5 s. A fetch that raced an event is not stored (a per-stream
+generation counter tells).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ log = logging.getLogger(__name__)
 
 NULL = b"null"
 MAX_ENTRIES = 20_000
-RECS_SECONDS = 30.0
+RECS_SECONDS = 3.0
 
 
 def dumps(value) -> bytes:
@@ -49,6 +53,9 @@ class BookPageCache:
             # dropped, not overwritten: the event may be older than what a read after a write through this
             # gateway (forget_path) already fetched, and a page must never show stock going back in time
             self.levels.pop(event["data"]["isbn"], None)
+        elif stream == "orders":
+            for line in event["data"].get("lines") or ():
+                self.recs.pop(line.get("isbn"), None)
         elif stream == "catalog":
             self.generation["catalog"] += 1
             self.books.pop(event["data"].get("isbn"), None)

@@ -11,7 +11,7 @@ import pytest
 
 from client import Api, fresh_isbn
 
-REC_FIELDS = {"isbn", "title", "authors", "category", "price_cents", "currency"}
+REC_FIELDS = {"isbn", "title", "authors", "category", "price_cents", "currency", "reason"}
 
 
 def tag() -> str:

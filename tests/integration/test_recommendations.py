@@ -259,8 +259,6 @@ async def test_one_follower_at_a_time_holds_the_lease(mongodb_uri):
         db.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the gateway's book-page cache keeps recommendations 30 s and drops them "
-                                       "only on catalog events (bookshop/clients/cache.py, not this change's)")
 @pytest.mark.gen_test(timeout=120)
 async def test_a_confirmation_shows_on_a_cached_book_page(shop):
     async with aiohttp.ClientSession() as session:
