@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -172,6 +173,8 @@ class PlaceOrder:
     card: dict
     expected_total_cents: int | None
     from_cart: bool
+    #: the request's trace (a W3C traceparent), kept with the order: its recovery, if any, links to it
+    traceparent: str | None = None
 
 
 class Checkout:
@@ -182,8 +185,10 @@ class Checkout:
 
     def __init__(self, repo, catalog, inventory, payments, currency: str, lease_seconds: float, metrics=None,
                  now=None, concurrency: int = 32, queue: int | None = None, owner: str | None = None,
-                 is_gone=None):
+                 is_gone=None, recovery_trace=None):
         self.repo = repo
+        # recovery_trace(order): the context manager a recovery runs in (a trace of its own, linked to the order's)
+        self.recovery_trace = recovery_trace or (lambda order: contextlib.nullcontext())
         self.catalog = catalog
         self.inventory = inventory
         self.payments = payments
@@ -201,6 +206,7 @@ class Checkout:
         self._recovering: dict[str, asyncio.Future] = {}  # order id -> its recovery task
         self._recovery_gate = asyncio.Semaphore(self.RECOVERY_CONCURRENCY)
         self._first_pass = True
+        self._left_over = False  # a recovery of the last pass was postponed (an upstream still down)
 
     def _count(self, name: str) -> None:
         if self.metrics is not None:
@@ -288,6 +294,8 @@ class Checkout:
             }
             if key is not None:
                 doc["idem"] = {"key": key, "fp": fingerprint, "answer": None}
+            if cmd.traceparent:
+                doc["traceparent"] = cmd.traceparent
             if await self.repo.insert(doc):
                 self._count("orders_created")
                 return doc
@@ -516,15 +524,27 @@ class Checkout:
                     return False  # another instance took it, or it finished meanwhile
                 self._hold(order)
                 try:
-                    await self._recover_one(order)
+                    with self.recovery_trace(order):
+                        await self._recover_one(order)
                 finally:
                     self.running.pop(order_id, None)
                 return True
             except errors.DomainError as exc:
                 log.warning("order %s: recovery postponed: %s", order_id, exc.code)
+                await self._postpone(order_id)
             except Exception:  # noqa: BLE001 - a task of its own: nobody else would see this
                 log.exception("order %s: recovery failed", order_id)
+                await self._postpone(order_id)
             return False
+
+    async def _postpone(self, order_id: str) -> None:
+        """An upstream is still down: give the lease back and come again at the busy pace (a compensation
+        is owed, typically a refund: paid seconds after the upstream is back, not a lease later)."""
+        self._left_over = True
+        try:
+            await self.repo.give_back_lease(order_id, self.owner)
+        except Exception as exc:  # noqa: BLE001 - the lease then simply runs out
+            log.warning("order %s: lease kept after a postponed recovery: %s", order_id, exc)
 
     def stop_recovery(self) -> None:
         """Cancel the recoveries still running (at shutdown); their orders' leases let others resume."""
@@ -560,8 +580,9 @@ class Checkout:
         try:
             while not stop.is_set():
                 pause = every
+                self._left_over = False
                 try:
-                    if await self.recover(wait=every) or self._recovering:
+                    if await self.recover(wait=every) or self._recovering or self._left_over:
                         pause = busy_every
                 except errors.DomainError as exc:
                     log.warning("recovery pass failed: %s", exc.code)

@@ -252,6 +252,11 @@ class OrderRepo:
             {"$set": {"saga_lease": now + datetime.timedelta(seconds=seconds), "owner": owner}},
             projection=_NOT_PENDING, return_document=pymongo.ReturnDocument.AFTER)
 
+    async def give_back_lease(self, order_id: str, owner: str) -> None:
+        """A recovery that must wait for an upstream lets go at once, so the next pass may try again."""
+        await self.orders.update_one({"_id": order_id, "open": True, "owner": owner},
+                                     {"$set": {"saga_lease": utcnow()}})
+
     async def renew_leases(self, order_ids: list[str], seconds: float, owner: str) -> None:
         """Extend the leases of sagas this process is still running (one write for all of them)."""
         await self.orders.update_many(
