@@ -8,6 +8,7 @@ import asyncio
 import datetime
 import logging
 
+from bookshop import tracing
 from bookshop.app import ServiceContext, make_app
 from bookshop.auth import TokenVerifier
 from bookshop.clients import services as clients
@@ -151,7 +152,9 @@ async def _orders(ctx: ServiceContext) -> list:
     inventory = _client(ctx, clients.InventoryClient, "inventory")
     payments = _client(ctx, clients.PaymentsClient, "payments", failure_threshold=3, recovery_timeout=3.0)
     checkout = Checkout(repo, catalog, inventory, payments, ctx.settings.currency, ctx.settings.saga_lease,
-                        metrics=ctx.metrics, now=utcnow, concurrency=ctx.settings.checkout_concurrency)
+                        metrics=ctx.metrics, now=utcnow, concurrency=ctx.settings.checkout_concurrency,
+                        recovery_trace=lambda order: tracing.linked_trace(
+                            "recover order", order.get("traceparent"), {"order.id": order["_id"]}))
     ctx.deps.update(orders=repo, carts=CartRepo(ctx.db), catalog=catalog, inventory=inventory,
                     payments=payments, checkout=checkout, cursors=CursorCodec(ctx.settings.service_secret))
     # the recovery pass also sets the gauge saga_recovery_backlog (deploy/monitoring): no query of its own

@@ -7,6 +7,7 @@ import hmac
 import logging
 import re
 
+from bookshop import tracing
 from bookshop.handlers.base import BaseHandler, error_body, status_of
 from bookshop.handlers.catalog import ISBN
 from bookshop.handlers.common import int_arg
@@ -191,7 +192,8 @@ class OrdersHandler(BaseHandler):
                                       details={"field": "expected_total_cents"})
         return PlaceOrder(user_id=user_id, lines=lines, shipping_address=_check_address(body.shipping_address),
                           card={**card.model_dump(), "card_number": number},
-                          expected_total_cents=body.expected_total_cents, from_cart=bool(body.from_cart))
+                          expected_total_cents=body.expected_total_cents, from_cart=bool(body.from_cart),
+                          traceparent=tracing.traceparent())
 
     async def place(self, order_id: str, cmd: PlaceOrder, key: str, fingerprint: str) -> tuple[int, dict]:
         """Run the saga; answer 201 if it ends in time, 202 PENDING if it is still running. The answer is

@@ -276,3 +276,46 @@ def test_an_unknown_exporter_stops_the_service_with_a_clear_message(mongodb_uri)
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "OTEL_TRACES_EXPORTER: jaeger is not supported" in done.stderr
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_recovered_checkout_is_a_trace_of_its_own_linked_to_the_first(mongodb_uri, log_dir, tmp_path):
+    # the charge takes 3 s: the orders process is killed while its saga waits for it, and the next one recovers
+    shop = Shop(mongodb_uri, log_dir=log_dir, env={
+        "BOOKSHOP_TEST_SPAN_DIR": str(tmp_path), "BOOKSHOP_SAGA_LEASE": "2", "BOOKSHOP_CHECKOUT_WAIT": "20",
+        "BOOKSHOP_PAYMENTS_LATENCY_MS": "3000"})
+    shop.span_dir = str(tmp_path)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, shop.start)
+        trace_id = secrets.token_hex(16)
+        async with aiohttp.ClientSession() as session:
+            api = Api(shop, session)
+            staff, customer = await asyncio.gather(api.staff(), api.customer())
+            isbn = await api.new_book(staff, stock=3)
+            checkout = asyncio.ensure_future(customer.post("/orders", order_body(isbn), headers={
+                "Idempotency-Key": uuid.uuid4().hex, "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}))
+
+            def reserved():
+                return find([s for s in read_spans(shop) if s["trace_id"] == trace_id], "inventory", "SERVER",
+                            "POST /internal/reservations")
+            await until(reserved)
+            await loop.run_in_executor(None, shop.kill, "orders")
+            await asyncio.gather(checkout, return_exceptions=True)  # its connection is gone
+            await loop.run_in_executor(None, shop.start, "orders")
+
+            def recoveries():
+                return [s for s in read_spans(shop) if s["name"] == "recover order"
+                        and any(link["trace_id"] == trace_id for link in s["links"])]
+            await until(recoveries, timeout=60, describe=lambda: "no recovery span linked to the checkout's trace")
+        (recovery,) = recoveries()
+        assert recovery["service"] == "orders" and recovery["parent_id"] is None
+        assert recovery["trace_id"] != trace_id
+        # the recovery's calls are in its trace: payments asked about the charge, under the recovery's span
+        await until(lambda: find([s for s in read_spans(shop) if s["trace_id"] == recovery["trace_id"]],
+                                 "payments", "SERVER", "GET /internal/charges/{id}"))
+        trace = {s["span_id"]: s for s in read_spans(shop) if s["trace_id"] == recovery["trace_id"]}
+        (status,) = find(list(trace.values()), "payments", "SERVER", "GET /internal/charges/{id}")
+        assert trace[status["parent_id"]]["parent_id"] == recovery["span_id"]
+    finally:
+        await loop.run_in_executor(None, shop.stop)
