@@ -296,8 +296,6 @@ class Checkout:
                 doc["idem"] = {"key": key, "fp": fingerprint, "answer": None}
             if cmd.traceparent:
                 doc["traceparent"] = cmd.traceparent
-            if cmd.traceparent:
-                doc["traceparent"] = cmd.traceparent
             if await self.repo.insert(doc):
                 self._count("orders_created")
                 return doc
