@@ -7,7 +7,7 @@ from bookshop.handlers.base import BaseHandler
 from bookshop.handlers.catalog import ISBN
 from bookshop.handlers.common import int_arg
 from bookshop.services import errors
-from bookshop.services.inventory import NotFoundError, check_quantity, levels_view
+from bookshop.services.inventory import MAX_LINES, NotFoundError, check_quantity, levels_view
 from bookshop.services.isbn import normalize_isbn
 from bookshop.validation import StrictModel
 
@@ -26,6 +26,21 @@ class Line(StrictModel):
 class ReserveRequest(StrictModel):
     order_id: str
     items: list[Line]
+
+
+class Where(StrictModel):
+    """The optional body of commit, release and put-back: the order's ISBNs, if the caller knows them (then
+    only their level documents are read; the answer is the same without)."""
+    isbns: list[str]
+
+
+def _where(handler: BaseHandler) -> list[str] | None:
+    if not handler.request.body:
+        return None
+    isbns = handler.json_body(Where).isbns
+    if not 1 <= len(isbns) <= MAX_LINES:
+        raise errors.InvalidInput(f"isbns: give 1 to {MAX_LINES}", code="invalid_field", details={"field": "isbns"})
+    return sorted({normalize_isbn(isbn, f"isbns[{i}]") for i, isbn in enumerate(isbns)})
 
 
 async def known_book(ctx, isbn: str) -> None:
@@ -93,13 +108,14 @@ class ReservationActionHandler(BaseHandler):
     async def post(self, order_id, action):
         self.require("service")
         reservations = self.ctx.deps["reservations"]
+        order_id, isbns = _order_id(order_id), _where(self)
         try:
             if action == "commit":
-                result = await reservations.commit(_order_id(order_id))
+                result = await reservations.commit(order_id, isbns)
             elif action == "release":
-                result = await reservations.release(_order_id(order_id))
+                result = await reservations.release(order_id, isbns)
             else:
-                result = await reservations.put_back(_order_id(order_id))
+                result = await reservations.put_back(order_id, isbns)
         except NotFoundError:
             raise errors.NotFound("no reservation for this order", code="reservation_not_found") from None
         wanted = {"commit": "committed", "release": "released", "put-back": "returned"}[action]

@@ -132,20 +132,44 @@ class Reservations:
         self.clock = clock
 
     # -- reading ------------------------------------------------------------------------------------------
-    async def look(self, order_id: str) -> Reservation | None:
-        """The order's reservation as its entries and archived lines tell, without changing anything. Reads
-        the level documents first, then the archive: a late duplicate's entry seen in the first read has its
-        archived line visible in the second."""
-        reservation, _ = await self._look(order_id)
+    async def look(self, order_id: str, isbns: list[str] | None = None) -> Reservation | None:
+        """The order's reservation as its entries and archived lines tell, without changing anything.
+
+        ``isbns``: the order's ISBNs, as its caller knows them (the orders service sends those it reserved):
+        only their level documents are read. Without them, or when they turn out not to be all (fewer entries
+        and lines than the order has ISBNs), every level document is looked through. Reads the level
+        documents first, then the archive: a late duplicate's entry seen in the first read has its archived
+        line visible in the second."""
+        reservation, _ = await self._look(order_id, isbns)
         return reservation
 
-    async def _look(self, order_id: str) -> tuple[Reservation | None, list[tuple[str, dict]]]:
-        entries = await self.levels.entries(order_id)
+    async def _look(self, order_id: str, isbns: list[str] | None) -> tuple[Reservation | None, list]:
+        if isbns:
+            entries = await self.levels.entries(order_id, isbns)
+            archived = await self._archived(order_id)
+            known = set(entries) | set(archived)
+            if not known or len(known) >= _ordered(entries, archived):
+                return self._combine(order_id, entries, archived)
+        # not told where to look, or not all found there: the archive says where, else look everywhere
+        archived = await self._archived(order_id)
+        where = sorted(archived) if archived and len(archived) >= _ordered({}, archived) else None
+        entries = await self.levels.entries(order_id, where)
+        if any(entry.get("state") == S.HELD.value for entry in entries.values()):
+            archived = await self._archived(order_id)  # after the entries: a late duplicate's line shows
+        return self._combine(order_id, entries, archived)
+
+    async def _archived(self, order_id: str) -> dict[str, dict]:
+        """The order's archived lines, the latest per ISBN."""
         archived: dict[str, dict] = {}
         for line in await self.archive.of_order(order_id):
             best = archived.get(line["isbn"])
             if best is None or _RANK[S(line["state"])] > _RANK[S(best["state"])]:
                 archived[line["isbn"]] = line
+        return archived
+
+    @staticmethod
+    def _combine(order_id: str, entries: dict[str, dict],
+                 archived: dict[str, dict]) -> tuple[Reservation | None, list[tuple[str, dict]]]:
         lines = {isbn: _line(doc, in_document=False) for isbn, doc in archived.items()}
         strays = []
         for isbn, entry in entries.items():
@@ -161,11 +185,11 @@ class Reservations:
             lines[isbn] = _line(entry, in_document=True)
         return (Reservation(order_id, lines) if lines else None), strays
 
-    async def _settle(self, order_id: str) -> Reservation | None:
+    async def _settle(self, order_id: str, isbns: list[str] | None = None) -> Reservation | None:
         """Look, drop late duplicates, and make the followers of a decided primary follow it."""
-        reservation, strays = await self._look(order_id)
-        for isbn, entry in strays:
-            await self.levels.drop(isbn, order_id, entry["id"])
+        reservation, strays = await self._look(order_id, isbns)
+        for isbn, _ in strays:
+            await self.levels.drop(isbn, order_id)
         if reservation is not None and reservation.lines[reservation.primary].state is not S.HELD:
             await self._follow(reservation, reservation.lines[reservation.primary].state)
         return reservation
@@ -197,7 +221,7 @@ class Reservations:
                 fresh += 1
             elif result == "already":
                 if entry.get("state") != S.HELD.value:
-                    return await self._answer(order_id)  # decided before: a replay
+                    return await self._answer(order_id, [i for i, _ in items])  # decided before: a replay
                 if k == 0:
                     until = entry["until"]  # a duplicate: hold the rest as the first one did
             else:
@@ -207,10 +231,10 @@ class Reservations:
             return Reservation(order_id, {items[0][0]: Line(S.HELD, items[0][1], 1, until)}).view()
         # several ISBNs (a release may have decided the first while we held the rest), a duplicate's work,
         # or a late duplicate of a reservation decided long ago: the entries tell
-        return await self._answer(order_id)
+        return await self._answer(order_id, [isbn for isbn, _ in items])
 
-    async def _answer(self, order_id: str) -> dict:
-        reservation = await self._settle(order_id)
+    async def _answer(self, order_id: str, isbns: list[str]) -> dict:
+        reservation = await self._settle(order_id, isbns)
         if reservation is None:
             raise NotFoundError(order_id)
         return reservation.view()
@@ -229,7 +253,8 @@ class Reservations:
         if k == 0:
             return answer  # nothing was held, so nothing is recorded
         if not await self.levels.move(items[0][0], order_id, S.HELD, S.REJECTED, short=short):
-            return await self._answer(order_id)  # decided meanwhile (a duplicate, a release): that stands
+            # decided meanwhile (a duplicate, a release): that stands
+            return await self._answer(order_id, [isbn for isbn, _ in items])
         for isbn, _ in items[1:k]:
             await self.levels.move(isbn, order_id, S.HELD, S.REJECTED)
         return answer
@@ -243,11 +268,11 @@ class Reservations:
         await self._follow(reservation, to)
         return reservation.view(to)
 
-    async def commit(self, order_id: str) -> dict:
+    async def commit(self, order_id: str, isbns: list[str] | None = None) -> dict:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.WAIT_FOR_RESERVING
         while True:
-            reservation = await self._settle(order_id)
+            reservation = await self._settle(order_id, isbns)
             if reservation is None:
                 raise NotFoundError(order_id)
             state = reservation.state
@@ -262,9 +287,9 @@ class Reservations:
             if done is not None:
                 return done
 
-    async def release(self, order_id: str) -> dict:
+    async def release(self, order_id: str, isbns: list[str] | None = None) -> dict:
         while True:
-            reservation = await self._settle(order_id)
+            reservation = await self._settle(order_id, isbns)
             if reservation is None:
                 raise NotFoundError(order_id)
             state = reservation.state
@@ -276,10 +301,10 @@ class Reservations:
             if done is not None:
                 return done
 
-    async def put_back(self, order_id: str) -> dict:
+    async def put_back(self, order_id: str, isbns: list[str] | None = None) -> dict:
         """Return a committed order's stock to the shelf, once per ISBN (each ISBN's put-back is a conditional
         update of its own level document)."""
-        reservation = await self._settle(order_id)
+        reservation = await self._settle(order_id, isbns)
         if reservation is None:
             raise NotFoundError(order_id)
         if reservation.state is not S.COMMITTED:
@@ -298,8 +323,11 @@ class Reservations:
         way); returns how many expired here."""
         now = self.clock()
         count = 0
-        for order_id in sorted({entry["order"] for _, entry in await self.levels.expired(now)}):
-            reservation = await self._settle(order_id)
+        found: dict[str, list[str]] = {}
+        for isbn, entry in await self.levels.expired(now):
+            found.setdefault(entry["order"], []).append(isbn)
+        for order_id, isbns in sorted(found.items()):
+            reservation = await self._settle(order_id, isbns)  # (all its ISBNs, unless a decision is half-done)
             if reservation is None or reservation.state not in (S.HELD, S.RESERVING):
                 continue
             # expires only if the primary's time is up (a commit may win the race: then it stands)
@@ -351,6 +379,12 @@ class Reservations:
                          "at": header.get("created_at"), "until": until, "short": header.get("short")}
                 lines.append(self.archive.line(isbn, entry))
         await self.archive.add(lines)
+
+
+def _ordered(entries: dict[str, dict], archived: dict[str, dict]) -> int:
+    """How many ISBNs the order has, as its entries and lines say."""
+    return max([e.get("n", 1) for e in entries.values()] + [line.get("n", 1) for line in archived.values()],
+               default=0)
 
 
 def _line(doc: dict, in_document: bool) -> Line:

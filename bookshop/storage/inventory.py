@@ -7,9 +7,10 @@ single-document update (an aggregation-pipeline update) that also appends the ev
 a bestseller's stock never goes through a multi-document transaction, can never go below zero (the filter
 checks ``available``) and one order never holds a unit twice (the filter checks ``holds.order``).
 
-A hold entry is ``{order, qty, state, id, n, until, at}``: ``state`` is ``held`` (counted in ``reserved``, until
-``until``) or a decision (``committed``, ``released``, ``expired``, ``rejected``, ``returned``); ``n`` is how many
-ISBNs the order reserved (so a partial reservation is recognisable); every change of state gets a new ``id``.
+A hold entry is ``{order, qty, state, n, until}``: ``state`` is ``held`` (counted in ``reserved``, until
+``until``) or a decision (``committed``, ``released``, ``expired``, ``rejected``, ``returned``); ``n`` is how
+many ISBNs the order reserved (left out when 1), so a partial reservation is recognisable. A decision also
+gives the entry an ``id`` (new at each change of state) and ``at``.
 The relay moves decided entries out of the hot document, together with its events (``pending_events``): they
 go to ``reservation_lines`` (``HoldArchive``), one line per (order, ISBN, entry id), kept for good.
 ``returned`` entries stay in the document for ``RETURN_FENCE`` first: while there, they make a repeated
@@ -108,8 +109,14 @@ class LevelRepo:
 
     async def create_indexes(self) -> None:
         await self.levels.create_index("pending.at")
-        await self.levels.create_index("holds.order")
         await self.levels.create_index("expires")
+        # no index on holds.order: the embedded server rewrites a multikey index's keys for every entry of the
+        # array on each update, which doubled the cost of a hold on a bestseller's document; callers say which
+        # ISBNs to look at instead (entries(order, isbns))
+        try:
+            await self.levels.drop_index("holds.order_1")
+        except pymongo.errors.OperationFailure:
+            pass
 
     async def _update(self, query: dict, pipeline: list) -> bool:
         result = await self.levels.update_one(query, pipeline)
@@ -148,8 +155,9 @@ class LevelRepo:
         """Hold ``qty`` units for an order: ("held", the new entry), ("already", the order's entry here) or
         ("short", None)."""
         now = utcnow()
-        entry = {"order": order_id, "qty": qty, "state": S.HELD.value, "id": ObjectId(), "n": n, "until": until,
-                 "at": now}
+        entry = {"order": order_id, "qty": qty, "state": S.HELD.value, "until": until}  # small: hot documents
+        if n > 1:
+            entry["n"] = n
         held = await self._update(
             {"_id": isbn, "available": {"$gte": qty}, "holds.order": {"$ne": order_id}},
             [{"$set": {"reserved": {"$add": ["$reserved", qty]}, "available": {"$subtract": ["$available", qty]},
@@ -165,10 +173,13 @@ class LevelRepo:
                                          {"holds": {"$elemMatch": {"order": order_id}}})
         return doc["holds"][0] if doc else None
 
-    async def entries(self, order_id: str) -> dict[str, dict]:
-        """The order's entry in each level document that has one, by ISBN."""
-        docs = await self.levels.find({"holds.order": order_id},
-                                      {"holds": {"$elemMatch": {"order": order_id}}}).to_list(None)
+    async def entries(self, order_id: str, isbns: list[str] | None = None) -> dict[str, dict]:
+        """The order's entry in each level document that has one, by ISBN: among ``isbns`` (by ``_id``), or
+        without them in every level document (a scan: for the rare calls that do not know the ISBNs)."""
+        query: dict = {"holds.order": order_id}
+        if isbns is not None:
+            query["_id"] = {"$in": isbns}
+        docs = await self.levels.find(query, {"holds": {"$elemMatch": {"order": order_id}}}).to_list(None)
         return {d["_id"]: d["holds"][0] for d in docs}
 
     async def move(self, isbn: str, order_id: str, frm: S, to: S, *, until_before: datetime.datetime | None = None,
@@ -187,12 +198,12 @@ class LevelRepo:
                        "holds": {"$concatArrays": [_without(order_id), [{"$mergeObjects": ["$_e", new]}]]}}},
              {"$unset": "_e"}, _EXPIRES, _append_event(now)])
 
-    async def drop(self, isbn: str, order_id: str, entry_id: ObjectId) -> bool:
-        """Remove a held entry that should not exist (a late duplicate of a decided reservation), giving its
-        units back."""
+    async def drop(self, isbn: str, order_id: str) -> bool:
+        """Remove the order's held entry when it should not exist (a late duplicate of a reservation decided and
+        archived long ago), giving its units back."""
         now = utcnow()
         return await self._update(
-            {"_id": isbn, "holds": {"$elemMatch": {"order": order_id, "id": entry_id, "state": S.HELD.value}}},
+            {"_id": isbn, "holds": {"$elemMatch": {"order": order_id, "state": S.HELD.value}}},
             [{"$set": {"_e": _entry_of(order_id)}},
              {"$set": {"reserved": _change("reserved", -1, "$_e.qty"), "available": _change("available", 1, "$_e.qty"),
                        "holds": _without(order_id)}},

@@ -73,6 +73,7 @@ class FakeLevels:
         self.archive = archive
         self.gates: dict[str, asyncio.Event] = {}
         self.writes = 0
+        self.scans = 0  # entries() without the ISBNs: every level document read
 
     async def _turn(self):
         await asyncio.sleep(0)
@@ -95,8 +96,7 @@ class FakeLevels:
             return "already", copy.deepcopy(existing)
         if doc is None or doc["available"] < qty:
             return "short", None
-        entry = {"order": order_id, "qty": qty, "state": "held", "id": next(_ids), "n": n, "until": until,
-                 "at": self.clock()}
+        entry = {"order": order_id, "qty": qty, "state": "held", "n": n, "until": until}
         doc["reserved"] += qty
         doc["available"] -= qty
         doc["holds"].append(entry)
@@ -107,9 +107,11 @@ class FakeLevels:
         await self._turn()
         return copy.deepcopy(self._entry(isbn, order_id))
 
-    async def entries(self, order_id):
+    async def entries(self, order_id, isbns=None):
         await self._turn()
-        return {isbn: copy.deepcopy(e) for isbn in self.docs if (e := self._entry(isbn, order_id)) is not None}
+        self.scans += isbns is None
+        return {isbn: copy.deepcopy(e) for isbn in (self.docs if isbns is None else isbns)
+                if (e := self._entry(isbn, order_id)) is not None}
 
     def _apply(self, doc, qty, delta):
         for field, sign in delta.items():
@@ -126,10 +128,10 @@ class FakeLevels:
         self.writes += 1
         return True
 
-    async def drop(self, isbn, order_id, entry_id):
+    async def drop(self, isbn, order_id):
         await self._turn()
         entry = self._entry(isbn, order_id)
-        if entry is None or entry["id"] != entry_id or entry["state"] != "held":
+        if entry is None or entry["state"] != "held":
             return False
         self._apply(self.docs[isbn], entry["qty"], {"reserved": -1, "available": 1})
         self.docs[isbn]["holds"].remove(entry)
@@ -377,6 +379,28 @@ async def test_unknown_orders_are_not_found():
         with pytest.raises(NotFoundError):
             await action("nope")
     assert await res.look("nope") is None
+
+
+@pytest.mark.gen_test
+async def test_a_caller_that_names_the_isbns_spares_the_look_through_every_level_document():
+    res, levels, _ = make({A: 5, B: 5, C: 5})
+    await res.reserve("o1", [(A, 1), (B, 1)])
+    assert levels.scans == 0
+    assert (await res.commit("o1", [A, B]))["state"] == "committed"
+    assert levels.scans == 0
+    await levels.relay_pass()
+    assert (await res.put_back("o1"))["state"] == "returned"  # no ISBNs: the archive says where
+    assert levels.scans == 0
+    with pytest.raises(NotFoundError):
+        await res.release("nope", [C])  # nothing there, and nothing elsewhere since these are its ISBNs
+    assert levels.scans == 0
+    with pytest.raises(NotFoundError):
+        await res.release("nope")
+    assert levels.scans == 1
+    # ISBNs that are not all of the order's: found out (fewer entries than it has ISBNs), then looked for
+    await res.reserve("o2", [(A, 1), (C, 1)])
+    assert (await res.commit("o2", [A]))["state"] == "committed"
+    assert levels.levels(A) == (4, 0, 4) and levels.levels(C) == (4, 0, 4)
 
 
 # -- expiry -----------------------------------------------------------------------------------------------
