@@ -5,6 +5,8 @@
     python run.py --service NAME --port N      one service alone (needs MONGODB_URI, BOOKSHOP_SERVICE_SECRET
                                                and BOOKSHOP_<NAME>_URL for the services it calls)
     python run.py rotate-keys                  start signing with a new key (users database)
+    python run.py new-epoch SERVICE            a new history of SERVICE's event stream (catalog, inventory or
+                                               orders): the step after restoring its database from a backup
     python run.py loadgen --url URL --users N --duration SECONDS
                                                a mixed shopping load against a running shop, then its
                                                invariants checked (staff: BOOKSHOP_ADMIN_EMAIL/_PASSWORD)
@@ -30,7 +32,9 @@ def _coverage() -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="run.py", description="Run the Bookshop services.")
-    parser.add_argument("command", nargs="?", choices=["rotate-keys"], help="an admin command instead of serving")
+    parser.add_argument("command", nargs="?", choices=["rotate-keys", "new-epoch"],
+                        help="an admin command instead of serving")
+    parser.add_argument("target", nargs="?", help="new-epoch: the service whose event stream starts a new history")
     parser.add_argument("--service", help="run only this service")
     parser.add_argument("--port", help="port for --service (default: BOOKSHOP_PORT_BASE + offset)")
     return parser.parse_args(argv)
@@ -72,6 +76,19 @@ def main(argv: list[str] | None = None) -> int:
             print("bookshop: error: rotate-keys needs MONGODB_URI", file=sys.stderr)
             return 2
         print(asyncio.run(rotate_keys(settings)))
+        return 0
+
+    if args.command == "new-epoch":
+        setup_logging("admin", settings.log_level)
+        from bookshop.wiring import STREAMS, new_epoch
+        if args.target not in STREAMS:
+            print(f"bookshop: error: new-epoch needs a service with an event stream: {', '.join(STREAMS[:-1])} "
+                  f"or {STREAMS[-1]}", file=sys.stderr)
+            return 2
+        if settings.mongodb_uri is None:
+            print("bookshop: error: new-epoch needs MONGODB_URI", file=sys.stderr)
+            return 2
+        print(asyncio.run(new_epoch(settings, args.target)))
         return 0
 
     if args.service is not None:

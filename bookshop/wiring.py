@@ -295,6 +295,23 @@ async def build(name: str, settings: Settings):
     return ctx, make_app(ctx, routes, **app_settings)
 
 
+STREAMS = ("catalog", "inventory", "orders")  # the services that keep an event stream
+
+
+async def new_epoch(settings: Settings, service: str) -> str:
+    """``python run.py new-epoch SERVICE``: the service's event stream starts another history, so every
+    follower (the gateway's hub, recommendations, browsers) starts again from the state, not from seqs that
+    may mean other events now (a restored backup). Running instances notice within 15 s."""
+    from bookshop.storage.mongo import Database
+    from bookshop.storage.outbox import EventLog
+    db = Database(settings.mongodb_uri, settings.db_name(service))
+    try:
+        value = await EventLog(db).new_epoch()
+        return f"{service}: new epoch {value}; its followers start again from a fresh snapshot"
+    finally:
+        db.close()
+
+
 async def rotate_keys(settings: Settings) -> str:
     """``python run.py rotate-keys``: sign with a new key; keep the old one published until its tokens end."""
     from bookshop.services import accounts

@@ -64,14 +64,18 @@ class EventsHandler(BaseHandler):
         if not items and wait:
             await log_.wait(after, wait)
             items = await log_.read(after, limit)
-        self.write_json({"items": items, "seq": await log_.latest_seq(), "oldest": await log_.oldest_seq()})
+        # read after the items: a reader can tell a gap (events gone) from events committed meanwhile
+        self.write_json({"items": items, **await log_.position()})
 
 
 class EventStreamSocket(tornado.websocket.WebSocketHandler):
-    """``/internal/events/ws?after=SEQ``: replay from the log, then follow live (service token only).
+    """``/internal/events/ws?after=SEQ&epoch=E``: replay from the log, then follow live (service token only).
 
-    Frames: ``{"type": "hello", "seq": latest, "oldest": oldest}`` then one ``{"type": "event", ...}`` per
-    event in ``seq`` order. The follower resumes with ``after`` = the last seq it saw.
+    Frames: ``{"type": "hello", "seq": latest, "oldest": oldest, "epoch": epoch}`` then one ``{"type": "event",
+    ...}`` per event in ``seq`` order. The follower resumes with ``after`` = the last seq it saw; whether that
+    still means anything (same epoch, not beyond the head, not before ``oldest``) it decides from the hello.
+    The epoch is looked at again every ``IDLE_READ`` seconds: when it changed (``run.py new-epoch`` under a
+    running service) the socket is closed with 1012, and the follower's next hello names the new one.
 
     A follower costs the database nothing while nothing happens: the pump reads when the event log says a new
     event may exist (the local relay numbered one, or another process's relay did, seen by the log's change
@@ -111,10 +115,11 @@ class EventStreamSocket(tornado.websocket.WebSocketHandler):
     async def _pump(self):
         log_ = self.ctx.event_log
         try:
-            latest = await log_.latest_seq()
-            after = latest if self._after is None else self._after
-            await self.write_message(json.dumps({"type": "hello", "seq": latest,
-                                                 "oldest": await log_.oldest_seq()}))
+            hello = await log_.position()
+            after = hello["seq"] if self._after is None else self._after
+            await self.write_message(json.dumps({"type": "hello", **hello}))
+            loop = asyncio.get_running_loop()
+            looked = loop.time()
             while not self._stop.is_set():
                 items = await log_.read(after, 500)
                 for item in items:
@@ -122,6 +127,11 @@ class EventStreamSocket(tornado.websocket.WebSocketHandler):
                     after = item["seq"]
                 if len(items) < 500:
                     await log_.wait(after, self.IDLE_READ)
+                if loop.time() - looked >= self.IDLE_READ:
+                    looked = loop.time()
+                    if await log_.epoch() != hello["epoch"]:
+                        self.close(1012, "the event log has a new epoch: reconnect")
+                        return
         except tornado.websocket.WebSocketClosedError:
             pass
         except asyncio.CancelledError:

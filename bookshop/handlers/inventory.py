@@ -80,8 +80,9 @@ class AllLevelsHandler(BaseHandler):
         limit = int_arg(self, "limit", 1000, 1, 1000)
         after = self.get_query_argument("after", None)
         seq = await self.ctx.event_log.latest_seq()  # read first: later events are newer than the snapshot
+        epoch = await self.ctx.event_log.epoch()
         docs = await self.ctx.deps["levels"].list(after, limit)
-        self.write_json({"items": [levels_view(d["_id"], d) for d in docs], "seq": seq})
+        self.write_json({"items": [levels_view(d["_id"], d) for d in docs], "seq": seq, "epoch": epoch})
 
 
 def _order_id(raw: str) -> str:

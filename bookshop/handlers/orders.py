@@ -345,8 +345,9 @@ class RecentOrdersHandler(BaseHandler):
         user_id = self.get_query_argument("user_id", None)
         limit = int_arg(self, "limit", 50, 1, 200)
         seq = await self.ctx.event_log.latest_seq()  # first: later events are newer than the snapshot
+        epoch = await self.ctx.event_log.epoch()
         docs = await self.ctx.deps["orders"].recent(user_id, limit)
-        self.write_json({"items": [order_view(d) for d in docs], "seq": seq})
+        self.write_json({"items": [order_view(d) for d in docs], "seq": seq, "epoch": epoch})
 
 
 class PurchasesHandler(BaseHandler):

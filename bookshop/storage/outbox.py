@@ -13,7 +13,10 @@ Design (why it looks like this):
   see seq N+1 before N exists: no holes that later fill. The unique index on ``seq`` fences a relay that lost
   its lease without noticing (its insert fails and it re-reads the tail); the unique index on ``source`` makes
   a move that crashed between "insert" and "remove pending" harmless to repeat.
-* ``events`` is kept 48 hours (TTL index on ``at``); consumers resume by ``seq``.
+* ``events`` is kept 48 hours (TTL index on ``at``); consumers resume by ``seq`` within an epoch: a random id in
+  ``meta`` (``_id: "epoch"``) naming this history of the log, made when the log is first set up (so a new or
+  recreated database starts another) and replaced by ``python run.py new-epoch SERVICE`` after a restore, when
+  the same seqs may stand for other events.
 * Wake-ups are in-process, so an idle shop is quiet. Whatever writes an event wakes its own process's relay
   through ``EventLog.announce`` (``record`` does it, after the commit when inside ``Database.transaction``;
   repositories that embed events call it after their write): nobody kicks the relay by hand. The relay polls
@@ -33,6 +36,7 @@ import asyncio
 import datetime
 import logging
 import os
+import secrets
 import socket
 from typing import Any, Awaitable, Callable
 
@@ -43,6 +47,7 @@ from bson import ObjectId
 log = logging.getLogger(__name__)
 
 RETENTION = datetime.timedelta(hours=48)
+EPOCH = "epoch"  # the meta document naming the log's history
 LEASE_SECONDS = 10.0
 FALLBACK_SECONDS = 30.0  # the relay's slow poll, for other processes' leftovers only
 FOREIGN_WATCH_SECONDS = 600.0  # how long a change stream stays open after another process was seen numbering
@@ -58,6 +63,10 @@ def new_event(event: str, data: dict, user_id: str | None = None) -> dict:
     if user_id is not None:
         doc["user_id"] = user_id
     return doc
+
+
+def new_epoch_id() -> str:
+    return secrets.token_hex(8)
 
 
 def public_event(doc: dict) -> dict:
@@ -124,6 +133,31 @@ class EventLog:
         await self.events.create_index("source", unique=True)
         await self.events.create_index("at", expireAfterSeconds=int(RETENTION.total_seconds()))
         await self.events.create_index([("user_id", 1), ("seq", 1)])
+        await self.epoch()  # a new database starts a history of its own
+
+    # -- the epoch: which history of the log the seqs belong to -----------------------------------------
+    async def epoch(self) -> str:
+        """This log's epoch, made if the database has none yet (it is new, or was dropped and made again)."""
+        doc = await self.meta.find_one({"_id": EPOCH}, {"value": 1})
+        if doc is None:
+            try:  # instances starting together agree: the first insert wins
+                await self.meta.update_one({"_id": EPOCH}, {"$setOnInsert": {"value": new_epoch_id(), "at": utcnow()}},
+                                           upsert=True)
+            except pymongo.errors.DuplicateKeyError:
+                pass
+            doc = await self.meta.find_one({"_id": EPOCH}, {"value": 1})
+        return doc["value"]
+
+    async def new_epoch(self) -> str:
+        """Start another history (after a backup was restored): every follower starts again from the state."""
+        value = new_epoch_id()
+        await self.meta.update_one({"_id": EPOCH}, {"$set": {"value": value, "at": utcnow()}}, upsert=True)
+        return value
+
+    async def position(self) -> dict:
+        """Where the log stands: ``{seq, oldest, epoch}`` (the latest seq, the oldest kept, the epoch)."""
+        seq = await self.latest_seq()
+        return {"seq": seq, "oldest": await self.oldest_seq(), "epoch": await self.epoch()}
 
     async def record(self, event: dict, session=None) -> None:
         """Insert a pending event into the outbox (inside the caller's transaction, if any) and wake the relay
