@@ -35,7 +35,7 @@ class Where(StrictModel):
 
 
 def _where(handler: BaseHandler) -> list[str] | None:
-    if not handler.request.body:
+    if not handler.body:
         return None
     isbns = handler.json_body(Where).isbns
     if not 1 <= len(isbns) <= MAX_LINES:

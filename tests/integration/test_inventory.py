@@ -272,6 +272,31 @@ async def test_commit_release_and_put_back_are_idempotent_and_ordered(shop):
 
 
 @pytest.mark.gen_test
+async def test_naming_the_orders_isbns_gives_the_same_answers_and_bad_names_are_400(shop):
+    async with aiohttp.ClientSession() as session:
+        api = Api(shop, session)
+        staff = await api.staff()
+        a, b = await api.new_book(staff, stock=5), await api.new_book(staff, stock=5)
+        inv = await internal(shop, session)
+        named, partly = order_id(), order_id()
+        assert (await reserve(inv, named, (a, 1), (b, 2))).body["state"] == "held"
+        assert (await reserve(inv, partly, (a, 1), (b, 1))).body["state"] == "held"
+        for body, field in (({"isbns": []}, "isbns"), ({"isbns": ["123"]}, "isbns[0]"), ({"isbns": a}, "isbns"),
+                            ({"isbns": [a], "extra": 1}, "extra"), ({"isbns": [{"$ne": ""}]}, "isbns[0]")):
+            r = await inv.post(f"/internal/reservations/{named}/commit", body)
+            assert r.status == 400 and r.body["error"]["message"].startswith(field), (body, r)
+        assert await levels(api, a) == (5, 2, 3)
+        r = await inv.post(f"/internal/reservations/{named}/commit", {"isbns": [b, a[:3] + "-" + a[3:]]})
+        assert r.status == 200 and r.body["state"] == "committed"
+        assert sorted(i["isbn"] for i in r.body["items"]) == sorted([a, b])
+        r = await inv.post(f"/internal/reservations/{partly}/release", {"isbns": [b]})  # not all of them
+        assert r.status == 200 and r.body["state"] == "released"
+        assert await levels(api, a) == (4, 0, 4) and await levels(api, b) == (3, 0, 3)
+        r = await inv.post(f"/internal/reservations/{order_id()}/release", {"isbns": [a]})
+        assert r.status == 404 and r.body["error"]["code"] == "reservation_not_found"
+
+
+@pytest.mark.gen_test
 async def test_restock_while_reservations_are_held_keeps_the_sums_right(shop):
     async with aiohttp.ClientSession() as session:
         api = Api(shop, session)
