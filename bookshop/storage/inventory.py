@@ -18,6 +18,8 @@ put-back of the same order a no-op.
 """
 from __future__ import annotations
 
+import asyncio
+import collections
 import datetime
 
 import pymongo
@@ -28,6 +30,8 @@ from bookshop.storage.outbox import utcnow
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 RETURN_FENCE = datetime.timedelta(hours=24)
+LEFTOVER_SECONDS = 5.0  # numbered events and archived entries may stay in their document this long ...
+LEFTOVER_MAX = 64  # ... or until this many: the document's next write of ours takes them out on its way
 _HIDDEN = {"pending": 0, "holds": 0, "expires": 0}
 
 # how the levels change when an order's entry moves from one state to another (sign of qty per field)
@@ -98,14 +102,23 @@ class HoldArchive:
 
 
 class LevelRepo:
-    def __init__(self, database, events=None):
+    def __init__(self, database, events=None, leftover_seconds: float = LEFTOVER_SECONDS):
         """``events``: the service's EventLog; its relay reads this repository's pending events (and moves
         decided holds to the archive with them), and is woken in-process after every write that embedded one."""
+        self.leftover_seconds = leftover_seconds
         self.levels = database["levels"]
         self.archive = HoldArchive(database)
         self._announce = (lambda: events.announce(outbox=False)) if events is not None else (lambda: None)
         if events is not None:
             events.add_source(self.pending_events)
+        # Leftovers: what the relay has numbered (events) or archived (decided entries) but not yet taken out of
+        # its document. Our next write to that document takes them out in the same update, so most documents
+        # never need a write of the relay's own; what is left after ``leftover_seconds``, the relay pulls.
+        self._leftovers: dict[str, tuple[set, dict]] = {}  # isbn -> (event ids, {entry id: order})
+        self._due: dict[str, float] = {}  # isbn -> loop time its leftovers are pulled by the relay
+        self._writes: collections.Counter = collections.Counter()  # isbn -> our writes that added an event
+        self._seen: dict[str, int] = {}  # isbn -> our writes before the last relay read that found no new event
+        self._timer: asyncio.TimerHandle | None = None
 
     async def create_indexes(self) -> None:
         await self.levels.create_index("pending.at")
@@ -118,10 +131,38 @@ class LevelRepo:
         except pymongo.errors.OperationFailure:
             pass
 
-    async def _update(self, query: dict, pipeline: list) -> bool:
-        result = await self.levels.update_one(query, pipeline)
+    def _take_leftovers(self, isbn: str, order_id: str | None) -> tuple[list, set, set]:
+        """A first pipeline stage taking the document's leftovers out (not the entry of ``order_id``: the
+        update works on it), and what it takes."""
+        events, entries = self._leftovers.get(isbn, (set(), {}))
+        events, entries = set(events), {e for e, order in entries.items() if order != order_id}
+        if not events and not entries:
+            return [], events, entries
+        return [{"$set": {
+            "pending": {"$filter": {"input": {"$ifNull": ["$pending", []]},
+                                    "cond": {"$not": [{"$in": ["$$this._id", _lit(sorted(events))]}]}}},
+            "holds": {"$filter": {"input": {"$ifNull": ["$holds", []]},
+                                  "cond": {"$not": [{"$in": ["$$this.id", _lit(sorted(entries))]}]}}}}}], \
+            events, entries
+
+    def _wrote(self, isbn: str, events: set, entries: set) -> None:
+        """Our write to ``isbn`` took ``events`` and ``entries`` out and added an event of its own."""
+        self._writes[isbn] += 1
+        left = self._leftovers.get(isbn)
+        if left is not None:
+            left[0].difference_update(events)
+            for entry_id in entries:
+                left[1].pop(entry_id, None)
+            if not left[0] and not left[1]:
+                self._leftovers.pop(isbn, None)
+                self._due.pop(isbn, None)
+        self._announce()
+
+    async def _update(self, isbn: str, query: dict, pipeline: list, order_id: str | None = None) -> bool:
+        first, events, entries = self._take_leftovers(isbn, order_id)
+        result = await self.levels.update_one(query, first + pipeline)
         if result.matched_count:
-            self._announce()
+            self._wrote(isbn, events, entries)
         return bool(result.matched_count)
 
     # -- levels ---------------------------------------------------------------------------------------------
@@ -138,15 +179,16 @@ class LevelRepo:
 
     async def restock(self, isbn: str, quantity: int) -> dict:
         now = utcnow()
+        first, events, entries = self._take_leftovers(isbn, None)
         doc = await self.levels.find_one_and_update(
             {"_id": isbn},
-            [{"$set": {"on_hand": {"$add": [{"$ifNull": ["$on_hand", 0]}, quantity]},
-                       "reserved": {"$ifNull": ["$reserved", 0]},
-                       "available": {"$add": [{"$ifNull": ["$available", 0]}, quantity]},
-                       "holds": {"$ifNull": ["$holds", []]}}},
-             _append_event(now)],
+            first + [{"$set": {"on_hand": {"$add": [{"$ifNull": ["$on_hand", 0]}, quantity]},
+                               "reserved": {"$ifNull": ["$reserved", 0]},
+                               "available": {"$add": [{"$ifNull": ["$available", 0]}, quantity]},
+                               "holds": {"$ifNull": ["$holds", []]}}},
+                     _append_event(now)],
             upsert=True, projection=_HIDDEN, return_document=pymongo.ReturnDocument.AFTER)
-        self._announce()
+        self._wrote(isbn, events, entries)
         return levels_view(isbn, doc)
 
     # -- an order's entries -----------------------------------------------------------------------------------
@@ -159,7 +201,7 @@ class LevelRepo:
         if n > 1:
             entry["n"] = n
         held = await self._update(
-            {"_id": isbn, "available": {"$gte": qty}, "holds.order": {"$ne": order_id}},
+            isbn, {"_id": isbn, "available": {"$gte": qty}, "holds.order": {"$ne": order_id}},
             [{"$set": {"reserved": {"$add": ["$reserved", qty]}, "available": {"$subtract": ["$available", qty]},
                        "holds": {"$concatArrays": ["$holds", [_lit(entry)]]}}},
              {"$set": {"expires": {"$min": ["$expires", until]}}}, _append_event(now)])
@@ -192,18 +234,18 @@ class LevelRepo:
             match["until"] = {"$lt": until_before}
         new = {"state": _lit(to.value), "id": ObjectId(), "at": now, **{k: _lit(v) for k, v in extra.items()}}
         return await self._update(
-            {"_id": isbn, "holds": {"$elemMatch": match}},
+            isbn, {"_id": isbn, "holds": {"$elemMatch": match}},
             [{"$set": {"_e": _entry_of(order_id)}},
              {"$set": {**{f: _change(f, sign, "$_e.qty") for f, sign in _DELTAS[(frm, to)].items()},
                        "holds": {"$concatArrays": [_without(order_id), [{"$mergeObjects": ["$_e", new]}]]}}},
-             {"$unset": "_e"}, _EXPIRES, _append_event(now)])
+             {"$unset": "_e"}, _EXPIRES, _append_event(now)], order_id)
 
     async def drop(self, isbn: str, order_id: str) -> bool:
         """Remove the order's held entry when it should not exist (a late duplicate of a reservation decided and
         archived long ago), giving its units back."""
         now = utcnow()
         return await self._update(
-            {"_id": isbn, "holds": {"$elemMatch": {"order": order_id, "state": S.HELD.value}}},
+            isbn, {"_id": isbn, "holds": {"$elemMatch": {"order": order_id, "state": S.HELD.value}}},
             [{"$set": {"_e": _entry_of(order_id)}},
              {"$set": {"reserved": _change("reserved", -1, "$_e.qty"), "available": _change("available", 1, "$_e.qty"),
                        "holds": _without(order_id)}},
@@ -215,7 +257,7 @@ class LevelRepo:
         now = utcnow()
         entry = {"order": order_id, "qty": qty, "state": S.RETURNED.value, "id": ObjectId(), "n": n, "at": now}
         return await self._update(
-            {"_id": isbn, "holds.order": {"$ne": order_id}},
+            isbn, {"_id": isbn, "holds.order": {"$ne": order_id}},
             [{"$set": {"on_hand": {"$add": ["$on_hand", qty]}, "available": {"$add": ["$available", qty]},
                        "holds": {"$concatArrays": [{"$ifNull": ["$holds", []]}, [_lit(entry)]]}}},
              _append_event(now)])
@@ -228,17 +270,35 @@ class LevelRepo:
 
     # -- the relay's embedded source ---------------------------------------------------------------------------
     async def pending_events(self, limit: int):
-        """Pending events of level documents, each document's last one with its acknowledgement. The
-        acknowledgement also moves the document's decided entries to the archive (the first one writes the
-        whole batch's lines), then pulls both out of the document."""
+        """Pending events of level documents, each document's last one with its acknowledgement.
+
+        The acknowledgement moves the document's decided entries to the archive (the first one writes the whole
+        batch's lines) and leaves the numbered events and archived entries in the document as leftovers: our
+        next write to it takes them out, or this source pulls them once they have waited ``leftover_seconds``.
+        Documents whose every event is numbered and that we have not written to since are not read again."""
+        await self._pull_due()
         fence = utcnow() - RETURN_FENCE
         movable = {"$or": [{"$in": ["$$this.state", [s.value for s in S.moved_out_at_once()]]},
                            {"$and": [{"$eq": ["$$this.state", S.RETURNED.value]}, {"$lt": ["$$this.at", fence]}]}]}
+        writes = dict(self._writes)  # before the read: every write counted here is in what it finds
+        match: dict = {"pending.at": {"$gte": _EPOCH}}
+        quiet = sorted(isbn for isbn in self._leftovers if self._seen.get(isbn) == writes.get(isbn, 0))
+        if quiet:
+            match["_id"] = {"$nin": quiet}
         docs = await self.levels.aggregate([
-            {"$match": {"pending.at": {"$gte": _EPOCH}}}, {"$limit": limit},
+            {"$match": match}, {"$limit": limit},
             {"$project": {"pending": 1, "decided": {"$filter": {"input": {"$ifNull": ["$holds", []]},
                                                                 "cond": movable}}}}]).to_list(limit)
-        lines = [HoldArchive.line(d["_id"], e) for d in docs for e in d.get("decided", [])]
+        fresh = []
+        for doc in docs:
+            events, entries = self._leftovers.get(doc["_id"], (set(), {}))
+            pending = [p for p in doc["pending"] if p["_id"] not in events]
+            decided = [e for e in doc.get("decided", []) if e["id"] not in entries]
+            if pending:
+                fresh.append((doc["_id"], pending, decided))
+            else:  # only leftovers: nothing new here as of ``writes``
+                self._seen[doc["_id"]] = writes.get(doc["_id"], 0)
+        lines = [HoldArchive.line(isbn, e) for isbn, _, decided in fresh for e in decided]
         archived = []
 
         async def archive_once():
@@ -247,19 +307,59 @@ class LevelRepo:
                 archived.append(True)
 
         out = []
-        for doc in docs:
-            ids = [p["_id"] for p in doc["pending"]]
-            entry_ids = [e["id"] for e in doc.get("decided", [])]
-
-            async def ack(isbn=doc["_id"], ids=ids, entry_ids=entry_ids):
+        for isbn, pending, decided in fresh:
+            async def ack(isbn=isbn, events=[p["_id"] for p in pending], decided=decided):
                 await archive_once()
-                pull: dict = {"pending": {"_id": {"$in": ids}}}
-                if entry_ids:
-                    pull["holds"] = {"id": {"$in": entry_ids}}
-                await self.levels.update_one({"_id": isbn}, {"$pull": pull})
-            for i, pending in enumerate(doc["pending"]):
-                out.append((pending, ack if i == len(ids) - 1 else None))
+                self._leave(isbn, events, {e["id"]: e["order"] for e in decided}, writes.get(isbn, 0))
+            for i, event in enumerate(pending):
+                out.append((event, ack if i == len(pending) - 1 else None))
         return out
+
+    def _leave(self, isbn: str, events: list, entries: dict, writes: int) -> None:
+        """The relay numbered ``events`` (and archived ``entries``) of ``isbn``: leftovers now."""
+        left = self._leftovers.setdefault(isbn, (set(), {}))
+        left[0].update(events)
+        left[1].update(entries)
+        self._seen[isbn] = max(self._seen.get(isbn, 0), writes)
+        loop = asyncio.get_running_loop()
+        if len(left[0]) + len(left[1]) >= LEFTOVER_MAX:
+            self._due[isbn] = 0.0
+            self._announce()
+        else:
+            self._due.setdefault(isbn, loop.time() + self.leftover_seconds)
+        if self._timer is None:
+            self._timer = loop.call_later(self.leftover_seconds + 0.05, self._due_now)
+
+    def _due_now(self) -> None:
+        self._timer = None
+        if self._due:
+            self._announce()  # the relay's pass pulls what is due (pending_events)
+            if self._timer is None:
+                loop = asyncio.get_running_loop()
+                next_due = max(0.05, min(self._due.values()) - loop.time() + 0.05)
+                self._timer = loop.call_later(next_due, self._due_now)
+
+    async def _pull_due(self) -> None:
+        """Pull the leftovers that waited long enough (one update per document)."""
+        now = asyncio.get_running_loop().time()
+        for isbn in [i for i, due in self._due.items() if due <= now]:
+            events, entries = self._leftovers.pop(isbn, (set(), {}))
+            self._due.pop(isbn, None)
+            pull: dict = {}
+            if events:
+                pull["pending"] = {"_id": {"$in": sorted(events)}}
+            if entries:
+                pull["holds"] = {"id": {"$in": sorted(entries)}}
+            if not pull:
+                continue
+            try:
+                await self.levels.update_one({"_id": isbn}, {"$pull": pull})
+            except BaseException:
+                left = self._leftovers.setdefault(isbn, (set(), {}))  # try again at the next pass
+                left[0].update(events)
+                left[1].update(entries)
+                self._due[isbn] = now
+                raise
 
     async def seed(self, stock: dict[str, int]) -> int:
         if await self.levels.estimated_document_count() > 0:
@@ -300,7 +400,8 @@ class LevelRepo:
         if changes:
             pipeline.append(_append_event(now))
         return await self._update(
-            {"_id": isbn, "holds": {"$elemMatch": {"order": order_id, "state": {"$exists": False}}}}, pipeline)
+            isbn, {"_id": isbn, "holds": {"$elemMatch": {"order": order_id, "state": {"$exists": False}}}}, pipeline,
+            order_id)
 
 
 class LegacyReservationRepo:

@@ -33,14 +33,15 @@ class Clock:
 
 
 @contextlib.asynccontextmanager
-async def fresh_store(mongodb_uri):
-    """A database of its own: (db, levels, reservations, relay, clock)."""
+async def fresh_store(mongodb_uri, leftover_seconds: float = 0):
+    """A database of its own: (db, levels, reservations, relay, clock). By default, what the relay numbered
+    leaves its document at its next pass."""
     name = "reservations_" + uuid.uuid4().hex[:10]
     db = Database(mongodb_uri, name)
     try:
         log = EventLog(db)
         await log.create_indexes()
-        levels = LevelRepo(db, log)
+        levels = LevelRepo(db, log, leftover_seconds=leftover_seconds)
         await levels.create_indexes()
         clock = Clock()
         yield db, levels, Reservations(levels, levels.archive, TTL, clock), Relay(log), clock
@@ -224,3 +225,44 @@ async def test_headers_and_holds_of_the_earlier_code_are_finished_or_converted_a
         assert (await res.commit("release-half"))["state"] == "released"
         assert (await res.reserve("rejected", [(C, 9)]))["state"] == "rejected"  # a replay: the first answer
         assert await levels_of(levels, C) == (9, 0, 9)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_what_the_relay_numbered_leaves_its_document_with_the_next_write_not_a_write_of_its_own(mongodb_uri):
+    async with fresh_store(mongodb_uri, leftover_seconds=1.0) as store:
+        db, levels, res, relay, _ = store
+        log = relay.log
+        await levels.restock(A, 100)
+        stop = asyncio.Event()
+        relaying = asyncio.ensure_future(relay.run(stop))
+        try:
+            async def numbered(seq):
+                loop = asyncio.get_running_loop()
+                until = loop.time() + 10
+                while log.last_seen < seq:
+                    assert loop.time() < until, f"seq {seq} not numbered"
+                    await log.wait(log.last_seen, 0.5)
+
+            async def level_updates():
+                return (await db.client.admin.command("top"))["totals"][f"{db.name}.levels"]["update"]["count"]
+
+            await numbered(1)
+            before = await level_updates()
+            for i in range(10):  # one order after the other on one book: each write finds the last one's event
+                await res.reserve(f"o{i}", [(A, 1)])
+                await numbered(2 + 2 * i)
+                await res.commit(f"o{i}", [A])
+                await numbered(3 + 2 * i)
+            assert await level_updates() - before == 20  # the holds and commits, nothing of the relay's
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 10
+            while (doc := await levels.levels.find_one({"_id": A}))["pending"] or doc["holds"]:
+                assert loop.time() < until, "the leftovers were not pulled"  # the last ones: pulled after 1 s
+                await asyncio.sleep(0.1)
+            assert await level_updates() - before == 21
+            on_hand = [e["data"]["on_hand"] for e in await log.read(0, 100)]  # every event once, in order
+            assert on_hand == [100] + [100 - j // 2 for j in range(1, 21)]
+            assert {(await res.look(f"o{i}", [A])).state for i in range(10)} == {S.COMMITTED}
+        finally:
+            stop.set()
+            await relaying
