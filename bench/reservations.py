@@ -109,13 +109,29 @@ def level_doc(meter: c.Meter, shop: c.Shop, isbn: str) -> dict:
             "bson_kib": round(len(bson.encode(doc)) / 1024, 1)}
 
 
-def run_case(bench: c.Bench, meter: c.Meter, url: str, name: str, isbns: list[str], token: str, args) -> dict:
+def settle(meter: c.Meter, shop: c.Shop, timeout: float = 30.0) -> None:
+    """Wait until no level document carries events any more: the relay takes numbered events out of a document
+    with its next write, or pulls them itself a few seconds later; those pulls belong to the case that made
+    them, not to the next one or to the idle background."""
+    levels = meter.ops.client[shop.db_name("inventory")]["levels"]
+    deadline = time.monotonic() + timeout
+    while levels.count_documents({"pending.0": {"$exists": True}}, limit=1):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"level documents still carry events after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def run_case(bench: c.Bench, meter: c.Meter, shop: c.Shop, url: str, name: str, isbns: list[str], token: str,
+             args) -> dict:
     script = write_script(bench, name, isbns, token)
     meter.start()
     result = c.run_wrk(url, args.duration, args.threads, args.connections, script=script)
+    doc = level_doc(meter, shop, isbns[0]) if len(isbns) == 1 else None  # as the load left it
+    settle(meter, shop)
     ops, cpu, seconds = meter.stop()
     n = max(1, result.requests)
-    return {**result.figures(), "held": result.extra.get("held"), "not_held": result.extra.get("other"),
+    return {**result.figures(), **({"hot_doc_after": doc} if doc else {}),
+            "held": result.extra.get("held"), "not_held": result.extra.get("other"),
             "errors": result.extra.get("bad"),
             "db_ops_per_reservation": {k: round(v / n, 2) for k, v in ops.items()},
             "cpu_us_per_reservation": {k: round(v * 1e6 / n) for k, v in cpu.items() if v > 0.02 * seconds}}
@@ -213,6 +229,7 @@ def main(argv=None) -> int:
               f"spread over {len(spread)} ISBNs")
 
         base = c.run_wrk(bare.url + "/json", args.baseline_duration, args.threads, args.connections)
+        settle(meter, shop)
         meter.measure_idle(args.idle)
         if args.warmup > 0:
             c.run_wrk(url, args.warmup, args.threads, args.connections,
@@ -221,11 +238,10 @@ def main(argv=None) -> int:
         reserved_before = shop.levels(hot)["reserved"]
         cases = {}
         for phase in ("hot, phase 1", "hot, phase 2"):
-            cases[phase] = run_case(bench, meter, url, phase, [hot], service, args)
-            cases[phase]["hot_doc_after"] = level_doc(meter, shop, hot)
+            cases[phase] = run_case(bench, meter, shop, url, phase, [hot], service, args)
         time.sleep(0.5)
         reserved_delta = shop.levels(hot)["reserved"] - reserved_before
-        cases["spread"] = run_case(bench, meter, url, "spread", spread, service, args)
+        cases["spread"] = run_case(bench, meter, shop, url, "spread", spread, service, args)
         meter.close()
         exact = asyncio.run(count_in_process(uri, hot, args.inprocess))
         shapes = [(int(n), 0) for n in args.holds.split(",")] + [(0, int(n)) for n in args.pending.split(",")]
