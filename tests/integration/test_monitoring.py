@@ -126,7 +126,13 @@ def exported(shop) -> set[tuple[str, frozenset]]:
     async def run():
         await exercise(shop)
         return await scraped(shop)
-    return asyncio.run(run())
+    # a private loop, closed here: asyncio.run would also reset the global loop under pytest-tornado's feet
+    # (whose dropped loop then surfaces as an unclosed-socket warning in whichever test runs next)
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(run())
+    finally:
+        loop.close()
 
 
 def missing_from(exported: set, wanted: set) -> list:
