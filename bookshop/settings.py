@@ -5,6 +5,7 @@ import dataclasses
 import ipaddress
 import os
 import secrets
+import zoneinfo
 from typing import Mapping
 from urllib.parse import urlsplit
 
@@ -26,6 +27,8 @@ class Settings:
     admin_password: str | None = None
     demo_data: bool = True
     currency: str = "EUR"
+    # the shop's day ("today's totals" count from local midnight): an IANA time zone name
+    timezone: str = "UTC"
     access_token_ttl: int = 900
     reservation_ttl: int = 900
     allowed_origins: tuple[str, ...] = ()
@@ -52,6 +55,11 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # span exporters (OTEL_TRACES_EXPORTER): none unless named, unlike the SDK's default (bookshop/tracing.py)
     traces_exporters: tuple[str, ...] = ()
+
+    @property
+    def zone(self) -> zoneinfo.ZoneInfo:
+        """The shop's time zone (``BOOKSHOP_TIMEZONE``)."""
+        return zoneinfo.ZoneInfo(self.timezone)
 
     def port(self, service: str) -> int:
         return self.port_base + SERVICES[service]
@@ -129,6 +137,7 @@ class Settings:
         text("BOOKSHOP_ADMIN_PASSWORD", "admin_password")
         flag("BOOKSHOP_DEMO_DATA", "demo_data")
         text("BOOKSHOP_CURRENCY", "currency")
+        text("BOOKSHOP_TIMEZONE", "timezone")
         integer("BOOKSHOP_ACCESS_TOKEN_TTL", "access_token_ttl", 1, 3600)
         integer("BOOKSHOP_RESERVATION_TTL", "reservation_ttl", 1, 7 * 24 * 3600)
         text("BOOKSHOP_SERVICE_SECRET", "service_secret")
@@ -191,6 +200,11 @@ class Settings:
                     f"MONGODB_URI must start with mongodb:// or mongodb+srv://, got scheme {scheme!r}")
         if len(self.currency) != 3 or not self.currency.isalpha() or not self.currency.isupper():
             raise SettingsError(f"BOOKSHOP_CURRENCY must be a three-letter code like EUR, got {self.currency!r}")
+        try:
+            self.zone
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise SettingsError(f"BOOKSHOP_TIMEZONE must be an IANA time zone name like Europe/Paris or UTC, "
+                                f"got {self.timezone!r}") from None
         if (self.admin_email is None) != (self.admin_password is None):
             raise SettingsError("BOOKSHOP_ADMIN_EMAIL and BOOKSHOP_ADMIN_PASSWORD must be set together")
         if self.admin_password is not None and len(self.admin_password) < 8:
