@@ -122,9 +122,11 @@ async def _inventory(ctx: ServiceContext) -> list:
 
 
 async def _orders(ctx: ServiceContext) -> list:
-    from bookshop.handlers import orders
+    from bookshop.handlers import orders, stats
     from bookshop.services.catalog import CursorCodec
     from bookshop.services.checkout import Checkout
+    from bookshop.services.stats import TodaysTotals
+    from bookshop.storage.order_stats import OrderStatsRepo
     from bookshop.storage.orders import CartRepo, OrderRepo
     from bookshop.storage.outbox import utcnow
     if not ctx.settings.service_secret:
@@ -164,7 +166,11 @@ async def _orders(ctx: ServiceContext) -> list:
         if checkout.tasks:
             await asyncio.wait(list(checkout.tasks.values()), timeout=3.0)
     ctx.on_shutdown.insert(0, finish_sagas)
-    return orders.routes()
+    # today's totals for the staff dashboard, in the shop's time zone
+    order_stats = OrderStatsRepo(ctx.db)
+    await order_stats.create_indexes()
+    totals = TodaysTotals(order_stats, ctx.settings.zone, ctx.settings.currency, utcnow)
+    return stats.routes(totals) + orders.routes()
 
 
 async def _payments(ctx: ServiceContext) -> list:
