@@ -50,7 +50,6 @@ class ServiceContext:
         self.tasks: list[asyncio.Task] = []
         self.extra_ready: list[Callable[[], Awaitable[str | None]]] = []
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
-        self.deps: dict[str, Any] = {}
         self.inflight: set = set()
         self.before_drain: list[Callable[[], Awaitable[None]]] = [self._close_stream_sockets]
         self.stream_sockets: set = set()
@@ -131,11 +130,12 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     access_log.log(level, "%s %s %d %.1fms", handler.request.method, route, status, seconds * 1000.0)
 
 
-def make_app(ctx: ServiceContext, routes: list[tuple], **settings) -> tornado.web.Application:
+def make_app(ctx: ServiceContext, routes: list[tuple], deps: Any = None, **settings) -> tornado.web.Application:
     """A Tornado application: the service's own routes, the common ones, a JSON 404 for the rest.
 
     Tornado tries the patterns in order, each a regular expression match, for every request: the service's
-    routes come first (and each service lists its busiest first); the common ones overlap none of them."""
+    routes come first (and each service lists its busiest first); the common ones overlap none of them.
+    Every handler gets ``ctx`` and the service's ``deps`` (``bookshop/deps.py``) through ``initialize()``."""
     specs = list(routes) + [
         ("/healthz", common.HealthHandler),
         ("/readyz", common.ReadyHandler),
@@ -149,6 +149,7 @@ def make_app(ctx: ServiceContext, routes: list[tuple], **settings) -> tornado.we
         pattern, handler = spec[0], spec[1]
         kwargs = dict(spec[2]) if len(spec) > 2 else {}
         kwargs.setdefault("ctx", ctx)
+        kwargs.setdefault("deps", deps)
         kwargs.setdefault("route", pattern.replace("\\", ""))
         rules.append(tornado.web.url(pattern, handler, kwargs))
     return Application(

@@ -1,6 +1,8 @@
 """Wiring: for each service, its repositories, domain services, clients, background tasks and routes.
 
-This is the one place that knows how the parts fit; handlers get what they need through ``ctx.deps``.
+This is the one place that knows how the parts fit. Each builder returns the service's collaborators, one
+frozen dataclass of ``bookshop/deps.py``, and its routes; ``make_app`` hands the dataclass to every handler
+through ``initialize()``.
 """
 from __future__ import annotations
 
@@ -12,9 +14,13 @@ from bookshop import tracing
 from bookshop.app import ServiceContext, make_app
 from bookshop.auth import TokenVerifier
 from bookshop.clients import services as clients
+from bookshop.deps import (CatalogDeps, GatewayDeps, InventoryDeps, OrdersDeps, PaymentsDeps, RecommendationsDeps,
+                           Upstreams, UsersDeps)
 from bookshop.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
+
+STREAMS = ("catalog", "inventory", "orders")  # the services that keep an event stream
 
 
 def _client(ctx: ServiceContext, cls, service: str, **kw):
@@ -35,46 +41,45 @@ async def _every(ctx: ServiceContext, seconds: float, work, name: str) -> None:
             pass
 
 
-async def _users(ctx: ServiceContext) -> list:
+async def _users(ctx: ServiceContext) -> tuple[UsersDeps, list]:
     from bookshop.handlers import users
     from bookshop.services import accounts
+    from bookshop.storage.outbox import utcnow
     from bookshop.storage.users import KeyRepo, LoginAttemptRepo, RefreshTokenRepo, UserRepo
-    db = ctx.db
-    repos = {"users": UserRepo(db), "refresh_tokens": RefreshTokenRepo(db), "keys": KeyRepo(db),
-             "login_attempts": LoginAttemptRepo(db)}
-    ctx.deps.update(repos)
-    for name in ("users", "refresh_tokens", "login_attempts"):
-        await repos[name].create_indexes()
-    if await repos["keys"].active() is None:
+    db, settings = ctx.db, ctx.settings
+    keys, refresh_tokens = KeyRepo(db), RefreshTokenRepo(db)
+    hashes = accounts.HashPool()
+    deps = UsersDeps(users=UserRepo(db), refresh_tokens=refresh_tokens, keys=keys, login_attempts=LoginAttemptRepo(db),
+                     issuer=accounts.TokenIssuer(keys, refresh_tokens, settings.access_token_ttl, utcnow),
+                     hashes=hashes, registrations=accounts.RegistrationLimit(settings.registration_limit))
+    for repo in (deps.users, deps.refresh_tokens, deps.login_attempts):
+        await repo.create_indexes()
+    if await keys.active() is None:
         key = await asyncio.get_running_loop().run_in_executor(None, accounts.new_signing_key)
-        await repos["keys"].add_first(key)
+        await keys.add_first(key)
 
     async def local_jwks():
-        return {"keys": await repos["keys"].published()}
+        return {"keys": await keys.published()}
     ctx.verifier = TokenVerifier(local_jwks)
-    ctx.deps["issuer"] = users.TokenIssuer(ctx)
-    settings = ctx.settings
-    hashes = accounts.HashPool()
-    ctx.deps.update(hashes=hashes, registrations=accounts.RegistrationLimit(settings.registration_limit))
 
     async def close_hashes():
         hashes.close()
     ctx.on_shutdown.append(close_hashes)
     if settings.admin_email:
         email = accounts.normalize_email(settings.admin_email)
-        existing = await repos["users"].by_email(email)
+        existing = await deps.users.by_email(email)
         if existing is None or existing["role"] != "staff" or not accounts.verify_password(
                 existing["password_hash"], settings.admin_password):
             hashed = accounts.hash_password(settings.admin_password)
-            user_id = await repos["users"].ensure_staff(email, "Shop staff", hashed)
+            user_id = await deps.users.ensure_staff(email, "Shop staff", hashed)
             # a change of role or password: logins made before it (perhaps by whoever registered the email
             # first) must not refresh into staff tokens
-            await repos["refresh_tokens"].revoke_user(user_id)
+            await refresh_tokens.revoke_user(user_id)
             log.info("staff account ensured for the configured admin email; its earlier logins are revoked")
-    return users.routes()
+    return deps, users.routes()
 
 
-async def _catalog(ctx: ServiceContext) -> list:
+async def _catalog(ctx: ServiceContext) -> tuple[CatalogDeps, list]:
     from bookshop.handlers import catalog
     from bookshop.services import demo_data
     from bookshop.services.catalog import CursorCodec, search_words
@@ -86,16 +91,15 @@ async def _catalog(ctx: ServiceContext) -> list:
     await ctx.event_log.create_indexes()
     books = BookRepo(ctx.db, ctx.event_log)
     await books.create_indexes()
-    ctx.deps.update(books=books, cursors=CursorCodec(ctx.settings.service_secret))
     if ctx.settings.demo_data:
         seeded = await books.seed([{**b, **search_words(b), "currency": ctx.settings.currency}
                                    for b in demo_data.demo_books()])
         if seeded:
             log.info("seeded the demo catalogue (%d books)", seeded)
-    return catalog.routes()
+    return CatalogDeps(books=books, cursors=CursorCodec(ctx.settings.service_secret)), catalog.routes()
 
 
-async def _inventory(ctx: ServiceContext) -> list:
+async def _inventory(ctx: ServiceContext) -> tuple[InventoryDeps, list]:
     from bookshop.handlers import inventory
     from bookshop.services import demo_data
     from bookshop.services.inventory import Reservations
@@ -111,17 +115,18 @@ async def _inventory(ctx: ServiceContext) -> list:
     converted = await reservations.convert_legacy(LegacyReservationRepo(ctx.db))
     if converted:
         log.info("converted %d reservations of the earlier storage shape", converted)
-    ctx.deps.update(levels=levels, reservations=reservations, catalog=_client(ctx, clients.CatalogClient, "catalog"))
+    deps = InventoryDeps(levels=levels, reservations=reservations,
+                         catalog=_client(ctx, clients.CatalogClient, "catalog"))
     if ctx.settings.demo_data:
         seeded = await levels.seed(demo_data.demo_stock_levels(demo_data.demo_books()))
         if seeded:
             log.info("seeded demo stock for %d books", seeded)
     # holds expire within a quarter of their time (at most 30 s late): one indexed read per pass
     ctx.spawn(_every(ctx, min(30.0, max(0.2, ttl / 4)), reservations.sweep, "reservation sweep"), "sweeper")
-    return inventory.routes()
+    return deps, inventory.routes()
 
 
-async def _orders(ctx: ServiceContext) -> list:
+async def _orders(ctx: ServiceContext) -> tuple[OrdersDeps, list]:
     from bookshop.handlers import orders, stats
     from bookshop.services.catalog import CursorCodec
     from bookshop.services.checkout import Checkout
@@ -157,8 +162,9 @@ async def _orders(ctx: ServiceContext) -> list:
                         metrics=ctx.metrics, now=utcnow, concurrency=ctx.settings.checkout_concurrency,
                         recovery_trace=lambda order: tracing.linked_trace(
                             "recover order", order.get("traceparent"), {"order.id": order["_id"]}))
-    ctx.deps.update(orders=repo, carts=CartRepo(ctx.db), catalog=catalog, inventory=inventory,
-                    payments=payments, checkout=checkout, cursors=CursorCodec(ctx.settings.service_secret))
+    deps = OrdersDeps(orders=repo, carts=CartRepo(ctx.db), checkout=checkout,
+                      cursors=CursorCodec(ctx.settings.service_secret), catalog=catalog, inventory=inventory,
+                      payments=payments)
     # the recovery pass also sets the gauge saga_recovery_backlog (deploy/monitoring): no query of its own
     ctx.spawn(checkout.recover_forever(ctx.stop), "saga recovery")
 
@@ -170,18 +176,17 @@ async def _orders(ctx: ServiceContext) -> list:
     order_stats = OrderStatsRepo(ctx.db)
     await order_stats.create_indexes()
     totals = TodaysTotals(order_stats, ctx.settings.zone, ctx.settings.currency, utcnow)
-    return stats.routes(totals) + orders.routes()
+    return deps, stats.routes(totals) + orders.routes()
 
 
-async def _payments(ctx: ServiceContext) -> list:
+async def _payments(ctx: ServiceContext) -> tuple[PaymentsDeps, list]:
     from bookshop.handlers import payments
     from bookshop.storage.payments import ChargeRepo
     ctx.use_remote_keys()
-    ctx.deps["charges"] = ChargeRepo(ctx.db)
-    return payments.routes()
+    return PaymentsDeps(charges=ChargeRepo(ctx.db)), payments.routes()
 
 
-async def _recommendations(ctx: ServiceContext) -> list:
+async def _recommendations(ctx: ServiceContext) -> tuple[RecommendationsDeps, list]:
     import os
     import socket
     import uuid
@@ -197,65 +202,45 @@ async def _recommendations(ctx: ServiceContext) -> list:
     stream = EventStreamClient(ctx.http, ctx.settings.url("orders"), ctx.tokens)
     learner = Learner(repo, orders.purchases, stream.follow, metrics=ctx.metrics,
                       owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
-    ctx.deps.update(learner=learner, recommender=Recommender(catalog, repo))
     ctx.spawn(learner.run(ctx.stop), "follow-orders")
     ctx.on_shutdown.append(learner.release)  # the next instance (or this one restarted) takes over at once
-    return recommendations.routes()
+    return RecommendationsDeps(learner=learner, recommender=Recommender(catalog, repo)), recommendations.routes()
 
 
-class Waiters:
-    """Wakes long-poll requests when the hub sees an event of their stream."""
-
-    def __init__(self):
-        self._events: dict[str, asyncio.Event] = {}
-
-    def on_event(self, stream: str, event: dict) -> None:
-        waiter = self._events.pop(stream, None)
-        if waiter is not None:
-            waiter.set()
-
-    async def wait(self, stream: str, timeout: float) -> None:
-        waiter = self._events.setdefault(stream, asyncio.Event())
-        try:
-            await asyncio.wait_for(waiter.wait(), max(0.0, timeout))
-        except asyncio.TimeoutError:
-            pass
-
-
-async def _gateway(ctx: ServiceContext) -> list:
+async def _gateway(ctx: ServiceContext) -> tuple[GatewayDeps, list]:
     from bookshop.clients.cache import BookPageCache
     from bookshop.handlers import gateway
     from bookshop.ws.follower import StreamFollower
-    from bookshop.ws.hub import Hub, Stream
+    from bookshop.ws.hub import Hub, Stream, Waiters
     ctx.use_remote_keys()
-    upstreams = {
-        "users": _client(ctx, clients.UsersClient, "users"),
-        "catalog": _client(ctx, clients.CatalogClient, "catalog"),
-        "inventory": _client(ctx, clients.InventoryClient, "inventory"),
-        "orders": _client(ctx, clients.OrdersClient, "orders"),
-        "recommendations": _client(ctx, clients.RecommendationsClient, "recommendations"),
-    }
+    upstreams = Upstreams(
+        users=_client(ctx, clients.UsersClient, "users"),
+        catalog=_client(ctx, clients.CatalogClient, "catalog"),
+        inventory=_client(ctx, clients.InventoryClient, "inventory"),
+        orders=_client(ctx, clients.OrdersClient, "orders"),
+        recommendations=_client(ctx, clients.RecommendationsClient, "recommendations"),
+    )
     part = min(1.0, ctx.settings.upstream_timeout)
-    streams = {name: Stream(name, clients.StreamSource(upstreams[name])) for name in ("catalog", "inventory", "orders")}
+    streams = {name: Stream(name, clients.StreamSource(upstreams.owner(name))) for name in STREAMS}
 
     async def snapshot(channel, sub, principal):
         # (seq, data, epoch): epoch None where the service does not say which history its seq is in (the hub
         # then takes the stream's)
         if channel == "inventory":
-            reply = await upstreams["inventory"].request("GET", "/internal/levels", params={"limit": "1000"})
-            upstreams["inventory"].raise_for(reply)
+            reply = await upstreams.inventory.request("GET", "/internal/levels", params={"limit": "1000"})
+            upstreams.inventory.raise_for(reply)
             return reply.body["seq"], {"items": reply.body["items"]}, reply.body.get("epoch")
         if channel == "books":
             head = await streams["catalog"].source.read(2**62, 1)
-            page = await upstreams["catalog"].search({"limit": "100"})
+            page = await upstreams.catalog.search({"limit": "100"})
             return head["seq"], {"items": page["items"]}, head.get("epoch")
-        reply = await upstreams["orders"].request("GET", "/internal/orders/recent", params={
+        reply = await upstreams.orders.request("GET", "/internal/orders/recent", params={
             "limit": "50", **({"user_id": sub.filter.user_id} if sub.filter.user_id else {})})
-        upstreams["orders"].raise_for(reply)
+        upstreams.orders.raise_for(reply)
         return reply.body["seq"], {"items": reply.body["items"]}, reply.body.get("epoch")
 
     hub = Hub(streams, snapshot, ctx.metrics, max_per_address=ctx.settings.ws_max_per_address)
-    cache = BookPageCache(hub, upstreams["catalog"],
+    cache = BookPageCache(hub, upstreams.catalog,
                           clients.InventoryClient(ctx.http, ctx.settings.url("inventory"), ctx.tokens, timeout=part,
                                                   retries=0),
                           clients.RecommendationsClient(ctx.http, ctx.settings.url("recommendations"), ctx.tokens,
@@ -263,7 +248,7 @@ async def _gateway(ctx: ServiceContext) -> list:
     waiters = Waiters()
     hub.listeners.append(waiters.on_event)
     sockets: set = set()
-    ctx.deps.update(upstreams=upstreams, hub=hub, cache=cache, waiters=waiters, sockets=sockets)
+    deps = GatewayDeps(upstreams=upstreams, hub=hub, cache=cache, waiters=waiters, sockets=sockets)
     for name in streams:
         follower = StreamFollower(hub, name, ctx.settings.url(name), ctx.http, ctx.tokens,
                                   on_state=cache.on_stream_state)
@@ -273,7 +258,7 @@ async def _gateway(ctx: ServiceContext) -> list:
         for sock in list(sockets):
             sock.close(1001, "server going away")
     ctx.before_drain.append(close_sockets)
-    return gateway.routes()
+    return deps, gateway.routes()
 
 
 def preload() -> None:
@@ -293,15 +278,12 @@ BUILDERS = {"users": _users, "catalog": _catalog, "inventory": _inventory, "orde
 
 async def build(name: str, settings: Settings):
     ctx = ServiceContext(name, settings, with_db=name != "gateway")
-    routes = await BUILDERS[name](ctx)
+    deps, routes = await BUILDERS[name](ctx)
     app_settings = {}
     if name == "gateway":
         app_settings = {"websocket_ping_interval": 20, "websocket_ping_timeout": 20,
                         "websocket_max_message_size": 64 * 1024}
-    return ctx, make_app(ctx, routes, **app_settings)
-
-
-STREAMS = ("catalog", "inventory", "orders")  # the services that keep an event stream
+    return ctx, make_app(ctx, routes, deps, **app_settings)
 
 
 async def new_epoch(settings: Settings, service: str) -> str:

@@ -75,12 +75,16 @@ class BaseHandler(tornado.web.RequestHandler):
 
     #: HTTP methods that need no token (the contract's "anyone" rows and the operational routes)
     public: frozenset[str] | set[str] = frozenset()
-    #: the app's dependencies, set by initialize()
+    #: the service's context (settings, metrics, tokens, event log), set by initialize()
     ctx: Any = None
+    #: the service's collaborators (one frozen dataclass per service, ``bookshop/deps.py``), set by initialize();
+    #: each service's handlers declare its type
+    deps: Any = None
     route: str = "?"
 
-    def initialize(self, ctx=None, route: str = "?", **_):
+    def initialize(self, ctx=None, route: str = "?", deps=None, **_):
         self.ctx = ctx
+        self.deps = deps
         self.route = route
         self.principal: auth.Principal | None = None
         self._span = None

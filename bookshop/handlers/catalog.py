@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from bookshop.deps import CatalogDeps
 from bookshop.handlers.base import BaseHandler
 from bookshop.services import catalog, errors
 from bookshop.services.isbn import normalize_isbn
@@ -10,6 +11,11 @@ from bookshop.storage.catalog import book_view
 from bookshop.validation import StrictModel
 
 log = logging.getLogger(__name__)
+
+
+class CatalogBase(BaseHandler):
+    """Base of the catalog routes: their collaborators are ``self.deps``."""
+    deps: CatalogDeps
 
 
 class NewBook(StrictModel):
@@ -33,12 +39,12 @@ class BookPatch(StrictModel):
     published_year: int | None = None
 
 
-class BooksHandler(BaseHandler):
+class BooksHandler(CatalogBase):
     public = {"GET"}
 
     async def get(self):
-        repo = self.ctx.deps["books"]
-        codec = self.ctx.deps["cursors"]
+        repo = self.deps.books
+        codec = self.deps.cursors
         q = self.get_query_argument("q", "")
         author = self.get_query_argument("author", "")
         category = self.get_query_argument("category", "").strip().lower() or None
@@ -68,7 +74,7 @@ class BooksHandler(BaseHandler):
         isbn = normalize_isbn(body.isbn)
         fields = catalog.check_book_fields(body.model_dump(exclude={"isbn"}), self.ctx.settings.currency)
         book = {"isbn": isbn, **fields}
-        doc = await self.ctx.deps["books"].add({**book, **catalog.search_words(book)})
+        doc = await self.deps.books.add({**book, **catalog.search_words(book)})
         if doc is None:
             raise errors.Conflict(f"a book with ISBN {isbn} exists", code="isbn_exists")
         self.ctx.relay.kick()
@@ -76,11 +82,11 @@ class BooksHandler(BaseHandler):
         self.write_json(book_view(doc), 201)
 
 
-class BookHandler(BaseHandler):
+class BookHandler(CatalogBase):
     public = {"GET"}
 
     async def get(self, raw_isbn):
-        doc = await self.ctx.deps["books"].get(normalize_isbn(raw_isbn))
+        doc = await self.deps.books.get(normalize_isbn(raw_isbn))
         if doc is None:
             raise errors.NotFound("no such book", code="book_not_found")
         self.write_json(book_view(doc))
@@ -97,7 +103,7 @@ class BookHandler(BaseHandler):
         if not changes:
             raise errors.InvalidInput("body: nothing to change", code="invalid_field", details={"field": "body"})
         changes = catalog.check_book_fields(changes, self.ctx.settings.currency)
-        repo = self.ctx.deps["books"]
+        repo = self.deps.books
         doc = None
         for _ in range(5):
             expect = None
@@ -123,7 +129,7 @@ class BookHandler(BaseHandler):
     async def delete(self, raw_isbn):
         self.require("staff")
         isbn = normalize_isbn(raw_isbn)
-        if not await self.ctx.deps["books"].delete(isbn):
+        if not await self.deps.books.delete(isbn):
             raise errors.NotFound("no such book", code="book_not_found")
         self.ctx.relay.kick()
         log.info("book %s deleted", isbn)
@@ -131,7 +137,7 @@ class BookHandler(BaseHandler):
         self.finish()
 
 
-class InternalBooksHandler(BaseHandler):
+class InternalBooksHandler(CatalogBase):
     """``GET /internal/books?isbns=a,b``: books on sale among those ISBNs (service token)."""
 
     async def get(self):
@@ -141,11 +147,11 @@ class InternalBooksHandler(BaseHandler):
             raise errors.InvalidInput("isbns: give 1 to 200 ISBNs", code="invalid_field",
                                       details={"field": "isbns"})
         isbns = [normalize_isbn(s, "isbns") for s in raw]
-        docs = await self.ctx.deps["books"].get_many(isbns)
+        docs = await self.deps.books.get_many(isbns)
         self.write_json({"items": [book_view(d) for d in docs]})
 
 
-class InternalNewestHandler(BaseHandler):
+class InternalNewestHandler(CatalogBase):
     """``GET /internal/books/newest?category=&limit=N``: books on sale in a category, newest first (service
     token). Recommendations read it on every call: an index walk of ``limit`` books, so nothing needs caching."""
 
@@ -156,7 +162,7 @@ class InternalNewestHandler(BaseHandler):
             raise errors.InvalidInput("category: 1 to 50 characters", code="invalid_field",
                                       details={"field": "category"})
         limit = catalog.page_limit(self.get_query_argument("limit", None))
-        docs = await self.ctx.deps["books"].newest(category, limit)
+        docs = await self.deps.books.newest(category, limit)
         self.write_json({"items": [book_view(d) for d in docs]})
 
 

@@ -10,6 +10,7 @@ import uuid
 
 import tornado.web
 
+from bookshop.deps import GatewayDeps
 from bookshop.handlers.base import REQUEST_ID, BaseHandler
 from bookshop.handlers.common import int_arg
 from bookshop.net import client_address
@@ -27,14 +28,20 @@ FORWARDED_REQUEST_HEADERS = ("Authorization", "Idempotency-Key", "Content-Type",
 FORWARDED_RESPONSE_HEADERS = ("Retry-After", "Location")
 
 
-class ProxyHandler(BaseHandler):
+class GatewayBase(BaseHandler):
+    """Base of the gateway routes: their collaborators are ``self.deps``."""
+    deps: GatewayDeps
+
+
+class ProxyHandler(GatewayBase):
     """Forwards a public API call to the service that owns it, as it came (token, body, query).
 
     ``methods`` are the methods the route has upstream: any other is 405 here, before authentication, as
     on every service (not a 401 for a method that does not exist)."""
 
-    def initialize(self, ctx=None, route="?", upstream: str = "", public=frozenset(), methods=frozenset(), **_):
-        super().initialize(ctx=ctx, route=route)
+    def initialize(self, ctx=None, route="?", deps=None, upstream: str = "", public=frozenset(),
+                   methods=frozenset(), **_):
+        super().initialize(ctx=ctx, route=route, deps=deps)
         self.upstream = upstream
         self.public = public
         self.methods = methods
@@ -45,7 +52,7 @@ class ProxyHandler(BaseHandler):
         await super().check()
 
     async def forward(self, *_args):
-        client = self.ctx.deps["upstreams"][self.upstream]
+        client = self.deps.upstreams.owner(self.upstream)
         headers = {h: self.request.headers[h] for h in FORWARDED_REQUEST_HEADERS if h in self.request.headers}
         # the upstream believes this header only from us (we send a service token): the client's address,
         # behind the proxies BOOKSHOP_TRUSTED_PROXIES names
@@ -60,7 +67,7 @@ class ProxyHandler(BaseHandler):
             if name in reply.headers:
                 self.set_header(name, reply.headers[name])
         if self.request.method in ("PATCH", "DELETE", "POST") and reply.status < 300:
-            self.ctx.deps["cache"].forget_path(self.request.path)
+            self.deps.cache.forget_path(self.request.path)
         if reply.status == 204:
             self.finish()
         else:
@@ -76,7 +83,7 @@ class BookPageHandler(ProxyHandler):
 
     async def get(self, raw_isbn):
         isbn = normalize_isbn(raw_isbn)
-        cache = self.ctx.deps["cache"]
+        cache = self.deps.cache
         personal = self.principal is not None and self.principal.role == "customer"
         token = self.request.headers["Authorization"].split(" ", 1)[1] if personal else None
         warm = None if personal else cache.peek(isbn)
@@ -90,7 +97,7 @@ class BookPageHandler(ProxyHandler):
         self.finish(b"".join((book[:-1], b',"stock":', stock, b',"recommendations":', recs, b"}")))
 
 
-class EventsHandler(BaseHandler):
+class EventsHandler(GatewayBase):
     """``GET /api/v1/events?channel=&after=&epoch=&wait=&limit=``: the long-poll fallback of the live stream.
 
     Answers ``{items, seq, epoch, reset}``; the client goes on with ``after`` = ``seq`` and that ``epoch``.
@@ -118,12 +125,12 @@ class EventsHandler(BaseHandler):
                                       details={"field": "epoch"})
         wait = int_arg(self, "wait", 0, 0, 30)
         limit = int_arg(self, "limit", 100, 1, 500)
-        stream = self.ctx.deps["hub"].streams[CHANNELS[channel]]
+        stream = self.deps.hub.streams[CHANNELS[channel]]
         source = stream.source
         page = await source.read(after, limit)
         if resumable(page, after, epoch) and not page["items"] and wait:
             deadline = asyncio.get_running_loop().time() + wait
-            waiter = self.ctx.deps["waiters"]
+            waiter = self.deps.waiters
             while asyncio.get_running_loop().time() < deadline and stream.seq <= after:
                 await waiter.wait(CHANNELS[channel], deadline - asyncio.get_running_loop().time())
             page = await source.read(after, limit)
@@ -138,7 +145,7 @@ class EventsHandler(BaseHandler):
         self.write_json({"items": items, "seq": last, "epoch": page.get("epoch"), "reset": False})
 
 
-class OpenApiHandler(BaseHandler):
+class OpenApiHandler(GatewayBase):
     """``GET /api/v1/openapi.json``: the API description, from the one source file (``docs/openapi.yaml``,
     shipped in the package as ``bookshop/openapi.yaml``), read and turned into JSON once per process."""
 
@@ -158,7 +165,7 @@ class OpenApiHandler(BaseHandler):
         self.finish(self.document())
 
 
-class DashboardHandler(BaseHandler):
+class DashboardHandler(GatewayBase):
     public = {"GET", "HEAD"}
 
     def get(self):

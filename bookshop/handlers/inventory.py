@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from bookshop.deps import InventoryDeps
 from bookshop.handlers.base import BaseHandler
 from bookshop.handlers.catalog import ISBN
 from bookshop.handlers.common import int_arg
@@ -12,6 +13,11 @@ from bookshop.services.isbn import normalize_isbn
 from bookshop.validation import StrictModel
 
 log = logging.getLogger(__name__)
+
+
+class InventoryBase(BaseHandler):
+    """Base of the inventory routes: their collaborators are ``self.deps``."""
+    deps: InventoryDeps
 
 
 class Restock(StrictModel):
@@ -34,7 +40,7 @@ class Where(StrictModel):
     isbns: list[str]
 
 
-def _where(handler: BaseHandler) -> list[str] | None:
+def _where(handler: InventoryBase) -> list[str] | None:
     if not handler.body:
         return None
     isbns = handler.json_body(Where).isbns
@@ -43,36 +49,36 @@ def _where(handler: BaseHandler) -> list[str] | None:
     return sorted({normalize_isbn(isbn, f"isbns[{i}]") for i, isbn in enumerate(isbns)})
 
 
-async def known_book(ctx, isbn: str) -> None:
-    if await ctx.deps["catalog"].book(isbn) is None:
+async def known_book(deps: InventoryDeps, isbn: str) -> None:
+    if await deps.catalog.book(isbn) is None:
         raise errors.NotFound("no such book", code="book_not_found")
 
 
-class LevelsHandler(BaseHandler):
+class LevelsHandler(InventoryBase):
     public = {"GET"}
 
     async def get(self, raw_isbn):
         isbn = normalize_isbn(raw_isbn)
-        doc = await self.ctx.deps["levels"].get(isbn)
+        doc = await self.deps.levels.get(isbn)
         if doc is None:
-            await known_book(self.ctx, isbn)  # catalogued but never restocked: 0/0/0
+            await known_book(self.deps, isbn)  # catalogued but never restocked: 0/0/0
         self.write_json(levels_view(isbn, doc))
 
 
-class RestockHandler(BaseHandler):
+class RestockHandler(InventoryBase):
     async def post(self, raw_isbn):
         self.require("staff")
         isbn = normalize_isbn(raw_isbn)
         quantity = check_quantity(self.json_body(Restock).quantity)
-        if await self.ctx.deps["levels"].get(isbn) is None:
-            await known_book(self.ctx, isbn)
-        levels = await self.ctx.deps["levels"].restock(isbn, quantity)
+        if await self.deps.levels.get(isbn) is None:
+            await known_book(self.deps, isbn)
+        levels = await self.deps.levels.restock(isbn, quantity)
         self.ctx.metrics.count("restocks")
         log.info("restocked %s by %d", isbn, quantity)
         self.write_json(levels)
 
 
-class AllLevelsHandler(BaseHandler):
+class AllLevelsHandler(InventoryBase):
     """``GET /internal/levels?after=ISBN&limit=N`` (service): levels in ISBN order, for snapshots."""
 
     async def get(self):
@@ -81,7 +87,7 @@ class AllLevelsHandler(BaseHandler):
         after = self.get_query_argument("after", None)
         seq = await self.ctx.event_log.latest_seq()  # read first: later events are newer than the snapshot
         epoch = await self.ctx.event_log.epoch()
-        docs = await self.ctx.deps["levels"].list(after, limit)
+        docs = await self.deps.levels.list(after, limit)
         self.write_json({"items": [levels_view(d["_id"], d) for d in docs], "seq": seq, "epoch": epoch})
 
 
@@ -92,7 +98,7 @@ def _order_id(raw: str) -> str:
     return raw
 
 
-class ReservationsHandler(BaseHandler):
+class ReservationsHandler(InventoryBase):
     async def post(self):
         self.require("service")
         body = self.json_body(ReserveRequest)
@@ -100,15 +106,15 @@ class ReservationsHandler(BaseHandler):
         items = [(normalize_isbn(line.isbn, f"items[{i}].isbn"),
                   check_quantity(line.quantity, f"items[{i}].quantity"))
                  for i, line in enumerate(body.items)]
-        result = await self.ctx.deps["reservations"].reserve(order_id, items)
+        result = await self.deps.reservations.reserve(order_id, items)
         self.ctx.metrics.count(f"reservations_{result['state']}")
         self.write_json(result)
 
 
-class ReservationActionHandler(BaseHandler):
+class ReservationActionHandler(InventoryBase):
     async def post(self, order_id, action):
         self.require("service")
-        reservations = self.ctx.deps["reservations"]
+        reservations = self.deps.reservations
         order_id, isbns = _order_id(order_id), _where(self)
         try:
             if action == "commit":
@@ -129,10 +135,10 @@ class ReservationActionHandler(BaseHandler):
         raise errors.NotFound()
 
 
-class ReservationHandler(BaseHandler):
+class ReservationHandler(InventoryBase):
     async def get(self, order_id):
         self.require("service")
-        reservation = await self.ctx.deps["reservations"].look(_order_id(order_id))
+        reservation = await self.deps.reservations.look(_order_id(order_id))
         if reservation is None:
             raise errors.NotFound("no reservation for this order", code="reservation_not_found")
         self.write_json(reservation.view())

@@ -8,6 +8,7 @@ import logging
 import re
 
 from bookshop import tracing
+from bookshop.deps import OrdersDeps
 from bookshop.handlers.base import BaseHandler, error_body, status_of
 from bookshop.handlers.catalog import ISBN
 from bookshop.handlers.common import int_arg
@@ -23,6 +24,11 @@ log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ORDER_ID = r"([0-9a-f]{24})"
+
+
+class OrdersBase(BaseHandler):
+    """Base of the orders routes: their collaborators are ``self.deps``."""
+    deps: OrdersDeps
 
 
 class Line(StrictModel):
@@ -73,24 +79,23 @@ def _check_address(address: Address) -> dict:
     return out
 
 
-class CartHandler(BaseHandler):
+class CartHandler(OrdersBase):
     async def get(self):
         principal = self.require("customer")
-        self.write_json(await price_cart(self.ctx, principal.sub))
+        self.write_json(await price_cart(self.deps, self.ctx.settings.currency, principal.sub))
 
 
-async def price_cart(ctx, user_id: str) -> dict:
-    carts = ctx.deps["carts"]
+async def price_cart(deps: OrdersDeps, currency: str, user_id: str) -> dict:
+    carts = deps.carts
     lines = [(i["isbn"], i["quantity"]) for i in await carts.get(user_id)]
-    currency = ctx.settings.currency
     if not lines:
         return {"items": [], "subtotal_cents": 0, "discount_cents": 0, "total_cents": 0, "currency": currency}
-    books = await ctx.deps["catalog"].books([isbn for isbn, _ in lines])
+    books = await deps.catalog.books([isbn for isbn, _ in lines])
     gone = [isbn for isbn, _ in lines if isbn not in books]
     if gone:  # books that left sale leave carts too
         await carts.drop(user_id, gone)
         lines = [(isbn, q) for isbn, q in lines if isbn in books]
-    promo = qualifies_for_promotion(lines) and await ctx.deps["checkout"].promotion_available(user_id)
+    promo = qualifies_for_promotion(lines) and await deps.checkout.promotion_available(user_id)
     priced = price(lines, books, currency, promo) if lines else None
     if priced is None:
         return {"items": [], "subtotal_cents": 0, "discount_cents": 0, "total_cents": 0, "currency": currency}
@@ -98,7 +103,7 @@ async def price_cart(ctx, user_id: str) -> dict:
             "discount_cents": priced.discount_cents, "total_cents": priced.total_cents, "currency": currency}
 
 
-class CartItemHandler(BaseHandler):
+class CartItemHandler(OrdersBase):
     async def put(self, raw_isbn):
         principal = self.require("customer")
         isbn = normalize_isbn(raw_isbn)
@@ -106,14 +111,14 @@ class CartItemHandler(BaseHandler):
         if not 0 <= quantity <= 100:
             raise errors.InvalidInput("quantity: must be an integer from 0 to 100", code="invalid_field",
                                       details={"field": "quantity"})
-        if quantity and await self.ctx.deps["catalog"].book(isbn) is None:
+        if quantity and await self.deps.catalog.book(isbn) is None:
             raise errors.NotFound("no such book", code="book_not_found")
-        if not await self.ctx.deps["carts"].set_quantity(principal.sub, isbn, quantity):
+        if not await self.deps.carts.set_quantity(principal.sub, isbn, quantity):
             raise errors.Conflict("the cart is full", code="cart_full")
-        self.write_json(await price_cart(self.ctx, principal.sub))
+        self.write_json(await price_cart(self.deps, self.ctx.settings.currency, principal.sub))
 
 
-class OrdersHandler(BaseHandler):
+class OrdersHandler(OrdersBase):
     async def get(self):
         principal = self.require("customer", "staff")
         status = self.get_query_argument("status", None)
@@ -124,14 +129,14 @@ class OrdersHandler(BaseHandler):
         cursor = self.get_query_argument("cursor", None)
         before = None
         if cursor:
-            before = self.ctx.deps["cursors"].decode(cursor).get("before")
+            before = self.deps.cursors.decode(cursor).get("before")
             if not isinstance(before, str):
                 raise errors.InvalidInput("cursor: not a cursor this server issued", code="invalid_field")
         user_id = None if principal.is_staff else principal.sub
-        docs = await self.ctx.deps["orders"].page(user_id, status, before, limit + 1)
+        docs = await self.deps.orders.page(user_id, status, before, limit + 1)
         more = len(docs) > limit
         docs = docs[:limit]
-        next_cursor = self.ctx.deps["cursors"].encode({"before": docs[-1]["_id"]}) if more else None
+        next_cursor = self.deps.cursors.encode({"before": docs[-1]["_id"]}) if more else None
         self.write_json({"items": [order_view(d) for d in docs], "next_cursor": next_cursor})
 
     async def post(self):
@@ -141,7 +146,7 @@ class OrdersHandler(BaseHandler):
             raise errors.InvalidInput("Idempotency-Key header: required, 1 to 128 letters, digits or ._:-",
                                       code="idempotency_key_required", details={"field": "Idempotency-Key"})
         body = self.json_body(NewOrder)
-        checkout = self.ctx.deps["checkout"]
+        checkout = self.deps.checkout
         checkout.gate.refuse_if_full()  # overloaded: answered at once, before any database work (a 503)
         fingerprint = request_fingerprint(self.json_body(), self.ctx.settings.service_secret)
         # a duplicate of a request this process is still answering waits for that answer (no database work)
@@ -155,7 +160,7 @@ class OrdersHandler(BaseHandler):
         try:
             # a replay is answered before the command is built: it must not depend on the cart as it is now
             # (a confirmed from_cart order has emptied it)
-            existing = await self.ctx.deps["orders"].by_key(principal.sub, key)
+            existing = await self.deps.orders.by_key(principal.sub, key)
             if existing is not None:
                 await self.replay(existing, principal.sub, key, fingerprint)
                 return
@@ -176,7 +181,7 @@ class OrdersHandler(BaseHandler):
             raise errors.InvalidInput("items: give either items or from_cart: true", code="invalid_field",
                                       details={"field": "items"})
         if body.from_cart:
-            lines = [(i["isbn"], i["quantity"]) for i in await self.ctx.deps["carts"].get(user_id)]
+            lines = [(i["isbn"], i["quantity"]) for i in await self.deps.carts.get(user_id)]
             if not lines:
                 raise errors.InvalidInput("from_cart: the cart is empty", code="cart_empty",
                                           details={"field": "from_cart"})
@@ -198,8 +203,8 @@ class OrdersHandler(BaseHandler):
     async def place(self, order_id: str, cmd: PlaceOrder, key: str, fingerprint: str) -> tuple[int, dict]:
         """Run the saga; answer 201 if it ends in time, 202 PENDING if it is still running. The answer is
         recorded in the order (see ``first_answer``), except a 5xx, which frees the key for a retry."""
-        checkout = self.ctx.deps["checkout"]
-        orders = self.ctx.deps["orders"]
+        checkout = self.deps.checkout
+        orders = self.deps.orders
         wait = self.ctx.settings.checkout_wait
         try:
             order, task = await checkout.place(order_id, cmd, key, fingerprint, wait=wait)
@@ -233,8 +238,8 @@ class OrdersHandler(BaseHandler):
     async def replay(self, found: dict | None, user_id: str, key: str, fingerprint: str) -> None:
         """Answer a repeated key with its first answer, waiting (a while) for it if the first request is
         still running. ``found`` is the key's order (None: it is being created by a concurrent request)."""
-        orders = self.ctx.deps["orders"]
-        checkout = self.ctx.deps["checkout"]
+        orders = self.deps.orders
+        checkout = self.deps.checkout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ctx.settings.checkout_wait + 5
         doc, seen = found, found is not None
@@ -302,42 +307,42 @@ def order_answer(order: dict, request_id: str) -> tuple[int, dict]:
     return 409, error_body("order_cancelled", f"the order was cancelled ({reason})", request_id, details)
 
 
-async def visible_order(handler: BaseHandler, order_id: str) -> dict:
+async def visible_order(handler: OrdersBase, order_id: str) -> dict:
     """The order if the caller may see it; another customer's order is a 404, not a 403."""
     principal = handler.require("customer", "staff")
-    order = await handler.ctx.deps["orders"].get(order_id)
+    order = await handler.deps.orders.get(order_id)
     if order is None or (not principal.is_staff and order["user_id"] != principal.sub):
         raise errors.NotFound("no such order", code="order_not_found")
     return order
 
 
-class OrderHandler(BaseHandler):
+class OrderHandler(OrdersBase):
     async def get(self, order_id):
         self.write_json(order_view(await visible_order(self, order_id)))
 
 
-class CancelHandler(BaseHandler):
+class CancelHandler(OrdersBase):
     async def post(self, order_id):
         order = await visible_order(self, order_id)
-        doc = await self.ctx.deps["checkout"].cancel_by_request(order, by=self.principal.sub)
+        doc = await self.deps.checkout.cancel_by_request(order, by=self.principal.sub)
         self.write_json(order_view(doc))
 
 
-class ShipHandler(BaseHandler):
+class ShipHandler(OrdersBase):
     async def post(self, order_id):
         self.require("staff")
         order = await visible_order(self, order_id)
-        self.write_json(order_view(await self.ctx.deps["checkout"].ship(order, by=self.principal.sub)))
+        self.write_json(order_view(await self.deps.checkout.ship(order, by=self.principal.sub)))
 
 
-class PaymentsLedgerHandler(BaseHandler):
+class PaymentsLedgerHandler(OrdersBase):
     async def get(self, order_id):
         self.require("staff")
         await visible_order(self, order_id)
-        self.write_json(await self.ctx.deps["payments"].ledger(order_id))
+        self.write_json(await self.deps.payments.ledger(order_id))
 
 
-class RecentOrdersHandler(BaseHandler):
+class RecentOrdersHandler(OrdersBase):
     """``GET /internal/orders/recent?user_id=`` (service): the newest orders, for dashboard snapshots."""
 
     async def get(self):
@@ -346,11 +351,11 @@ class RecentOrdersHandler(BaseHandler):
         limit = int_arg(self, "limit", 50, 1, 200)
         seq = await self.ctx.event_log.latest_seq()  # first: later events are newer than the snapshot
         epoch = await self.ctx.event_log.epoch()
-        docs = await self.ctx.deps["orders"].recent(user_id, limit)
+        docs = await self.deps.orders.recent(user_id, limit)
         self.write_json({"items": [order_view(d) for d in docs], "seq": seq, "epoch": epoch})
 
 
-class PurchasesHandler(BaseHandler):
+class PurchasesHandler(OrdersBase):
     """``GET /internal/orders/purchases?after=&limit=`` (service): confirmed and shipped orders with their lines,
     a page at a time by order id; ``next_after`` is None on the last page."""
 
@@ -360,16 +365,16 @@ class PurchasesHandler(BaseHandler):
         if after is not None and not re.fullmatch(r"[0-9a-f]{24}", after):
             raise errors.InvalidInput("after: an order id", code="invalid_field", details={"field": "after"})
         limit = int_arg(self, "limit", 500, 1, 1000)
-        docs = await self.ctx.deps["orders"].purchases(after, limit)
+        docs = await self.deps.orders.purchases(after, limit)
         items = [{"id": d["_id"], "user_id": d["user_id"], "status": d["status"],
                   "lines": [{"isbn": i["isbn"], "quantity": i["quantity"]} for i in d["items"]]} for d in docs]
         self.write_json({"items": items, "next_after": docs[-1]["_id"] if len(docs) == limit else None})
 
 
-class PurchasedHandler(BaseHandler):
+class PurchasedHandler(OrdersBase):
     async def get(self, user_id):
         self.require("service")
-        self.write_json({"isbns": await self.ctx.deps["orders"].purchased(user_id)})
+        self.write_json({"isbns": await self.deps.orders.purchased(user_id)})
 
 
 def routes() -> list[tuple]:

@@ -10,11 +10,17 @@ import datetime
 import logging
 import random
 
+from bookshop.deps import PaymentsDeps
 from bookshop.handlers.base import BaseHandler
 from bookshop.services import cards, errors
 from bookshop.validation import StrictModel
 
 log = logging.getLogger(__name__)
+
+
+class PaymentsBase(BaseHandler):
+    """Base of the payments routes: their collaborators are ``self.deps``."""
+    deps: PaymentsDeps
 
 
 class Card(StrictModel):
@@ -40,7 +46,7 @@ def charge_view(doc: dict) -> dict:
                        for e in doc.get("ledger", [])]}
 
 
-class ChargesHandler(BaseHandler):
+class ChargesHandler(PaymentsBase):
     async def post(self):
         self.require("service")
         body = self.json_body(ChargeRequest)
@@ -57,7 +63,7 @@ class ChargesHandler(BaseHandler):
                                       details={"field": "amount_cents"})
         decision = cards.card_decision(number)
         status = "charged" if decision == cards.APPROVED else "declined"
-        repo = self.ctx.deps["charges"]
+        repo = self.deps.charges
         doc, created = await repo.record(body.order_id, body.amount_cents, body.currency,
                                          cards.last4(number), status,
                                          None if status == "charged" else decision)
@@ -70,19 +76,19 @@ class ChargesHandler(BaseHandler):
         self.write_json(charge_view(doc), 201 if created else 200)
 
 
-class ChargeHandler(BaseHandler):
+class ChargeHandler(PaymentsBase):
     async def get(self, order_id):
         self.require("service")
-        doc = await self.ctx.deps["charges"].get(order_id)
+        doc = await self.deps.charges.get(order_id)
         if doc is None:
             raise errors.NotFound("no charge for this order", code="charge_not_found")
         self.write_json(charge_view(doc))
 
 
-class RefundHandler(BaseHandler):
+class RefundHandler(PaymentsBase):
     async def post(self, order_id):
         self.require("service")
-        repo = self.ctx.deps["charges"]
+        repo = self.deps.charges
         while True:
             doc = await repo.refund(order_id)
             if doc is not None:

@@ -6,19 +6,25 @@ made from had got (a cache can tell an answer made before an order it has seen a
 """
 from __future__ import annotations
 
+from bookshop.deps import RecommendationsDeps
 from bookshop.handlers.base import BaseHandler
 from bookshop.services import errors
 from bookshop.services.isbn import normalize_isbn
 
 
-class RecommendationsHandler(BaseHandler):
+class RecommendationsBase(BaseHandler):
+    """Base of the recommendations routes: their collaborators are ``self.deps``."""
+    deps: RecommendationsDeps
+
+
+class RecommendationsHandler(RecommendationsBase):
     public = {"GET"}
 
     async def get(self):
-        recommender = self.ctx.deps["recommender"]
+        recommender = self.deps.recommender
         raw = self.get_query_argument("isbn", None)
         customer = self.principal.sub if self.principal is not None and self.principal.role == "customer" else None
-        seq = self.ctx.deps["learner"].state.last_seq
+        seq = self.deps.learner.state.last_seq
         if raw is not None:
             items = await recommender.for_book(normalize_isbn(raw), customer)
         elif customer is not None:

@@ -1,14 +1,13 @@
 """Users service routes: accounts, tokens, the JWKS, service credentials."""
 from __future__ import annotations
 
-import asyncio
 import datetime
 import hmac
 import logging
 import math
-import uuid
 
 from bookshop import SERVICES, auth, net
+from bookshop.deps import UsersDeps
 from bookshop.handlers.base import BaseHandler
 from bookshop.services import accounts, errors
 from bookshop.services.accounts import SERVICE_TOKEN_TTL
@@ -16,6 +15,11 @@ from bookshop.storage.outbox import utcnow
 from bookshop.validation import StrictModel
 
 log = logging.getLogger(__name__)
+
+
+class UsersBase(BaseHandler):
+    """Base of the users routes: their collaborators are ``self.deps``."""
+    deps: UsersDeps
 
 
 class NewUser(StrictModel):
@@ -46,7 +50,7 @@ def invalid_refresh() -> errors.Unauthenticated:
     return errors.Unauthenticated("refresh token unknown, used or expired", code="invalid_refresh_token")
 
 
-class AccountHandler(BaseHandler):
+class AccountHandler(UsersBase):
     """Base of the account routes: the client address they count attempts by, and the one lockout check
     of a password (a login, a password change)."""
 
@@ -72,14 +76,14 @@ class AccountHandler(BaseHandler):
 
     @property
     def hashes(self) -> accounts.HashPool:
-        return self.ctx.deps["hashes"]
+        return self.deps.hashes
 
     async def check_password(self, email: str, stored_hash: str | None, password: str) -> None:
         """``password`` against ``stored_hash`` (None: no such account, which costs the same), counted per
         email and per client address: ``RateLimited`` while locked, ``Unauthenticated`` if wrong. Call it
         inside ``self.hashes.admit(...)``."""
         settings = self.ctx.settings
-        attempts = self.ctx.deps["login_attempts"]
+        attempts = self.deps.login_attempts
         email_key, ip_key = f"email:{email}", f"ip:{self.client_address()}"
         lock = datetime.timedelta(seconds=settings.login_lock_seconds)
         window = datetime.timedelta(minutes=15)
@@ -110,12 +114,12 @@ class UsersHandler(AccountHandler):
         accounts.check_password_rules(body.password)
         name = accounts.check_name(body.name)
         with self.hashes.admit("registration"):  # first: a 503 is not counted against the address
-            wait = self.ctx.deps["registrations"].hit(self.client_address())
+            wait = self.deps.registrations.hit(self.client_address())
             if wait > 0:
                 raise errors.RateLimited("too many registrations from this address; try again later",
                                          code="too_many_attempts", retry_after=math.ceil(wait))
             password_hash = await self.hashes.run(accounts.hash_password, body.password)
-        user = await self.ctx.deps["users"].add(email, name, password_hash)
+        user = await self.deps.users.add(email, name, password_hash)
         if user is None:
             raise errors.Conflict("an account with this email exists", code="email_taken")
         self.ctx.metrics.count("users_registered")
@@ -123,10 +127,10 @@ class UsersHandler(AccountHandler):
         self.write_json(user_view(user), 201)
 
 
-class MeHandler(BaseHandler):
+class MeHandler(UsersBase):
     async def get(self):
         principal = self.require("customer", "staff")
-        user = await self.ctx.deps["users"].by_id(principal.sub)
+        user = await self.deps.users.by_id(principal.sub)
         if user is None:
             raise errors.NotFound("user not found")
         self.write_json(user_view(user))
@@ -140,7 +144,7 @@ class PasswordHandler(AccountHandler):
         principal = self.require("customer", "staff")
         body = self.json_body(PasswordChange)
         accounts.check_password_rules(body.new_password, field="new_password")
-        users = self.ctx.deps["users"]
+        users = self.deps.users
         user = await users.by_id(principal.sub)
         if user is None:
             raise errors.NotFound("user not found")
@@ -148,42 +152,11 @@ class PasswordHandler(AccountHandler):
             await self.check_password(user["email"], user["password_hash"], body.current_password)
             new_hash = await self.hashes.run(accounts.hash_password, body.new_password)
         await users.change_password(user["_id"], new_hash)  # refresh tokens issued before are refused from now
-        await self.ctx.deps["refresh_tokens"].revoke_user(user["_id"])
+        await self.deps.refresh_tokens.revoke_user(user["_id"])
         self.ctx.metrics.count("password_changes")
         log.info("password changed for user %s; its refresh tokens are revoked", user["_id"])
         self.set_status(204)
         self.finish()
-
-
-class TokenIssuer:
-    """Issues access + refresh token pairs with the active signing key."""
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self._signer: accounts.TokenSigner | None = None
-        self._checked = 0.0
-
-    async def signer(self) -> accounts.TokenSigner:
-        loop = asyncio.get_running_loop()
-        # re-read the active key every few seconds so a rotation reaches every instance
-        if self._signer is None or loop.time() - self._checked > 5:
-            key = await self.ctx.deps["keys"].active()
-            if key is None:
-                raise errors.Unavailable("no signing key yet", retry_after=1)
-            if self._signer is None or self._signer.kid != key["kid"]:
-                self._signer = accounts.TokenSigner(key["kid"], key["private_pem"])
-            self._checked = loop.time()
-        return self._signer
-
-    async def pair(self, user: dict, family: str | None = None) -> dict:
-        """Tokens for ``user`` as read (its role, its credentials version: a refresh token made from a
-        read that predates a change of role or password is refused when it is used)."""
-        ttl = self.ctx.settings.access_token_ttl
-        access = (await self.signer()).sign(user["_id"], user["role"], ttl)
-        refresh, refresh_hash = accounts.new_refresh_token()
-        await self.ctx.deps["refresh_tokens"].add(refresh_hash, user["_id"], family or uuid.uuid4().hex,
-                                                  utcnow() + accounts.REFRESH_TTL, user.get("token_version", 0))
-        return {"access_token": access, "token_type": "Bearer", "expires_in": ttl, "refresh_token": refresh}
 
 
 class TokensHandler(AccountHandler):
@@ -194,7 +167,7 @@ class TokensHandler(AccountHandler):
     async def post(self):
         body = self.json_body(Credentials)
         email = body.email.strip().lower()[:254]
-        users = self.ctx.deps["users"]
+        users = self.deps.users
         with self.hashes.admit("login"):
             user = await users.by_email(email)
             await self.check_password(email, user["password_hash"] if user else None, body.password)
@@ -202,10 +175,10 @@ class TokensHandler(AccountHandler):
                 rehashed = await self.hashes.run(accounts.hash_password, body.password)
                 await users.set_hash(user["_id"], rehashed)  # the same password: its logins stay
         self.ctx.metrics.count("logins")
-        self.write_json(await self.ctx.deps["issuer"].pair(user))
+        self.write_json(await self.deps.issuer.pair(user))
 
 
-class RefreshHandler(BaseHandler):
+class RefreshHandler(UsersBase):
     """``POST /api/v1/tokens/refresh``: rotation. Of concurrent refreshes with one token one wins; a used
     token presented again is refused, and ends the whole login when it comes back after the grace."""
 
@@ -213,7 +186,7 @@ class RefreshHandler(BaseHandler):
 
     async def post(self):
         body = self.json_body(RefreshRequest)
-        tokens = self.ctx.deps["refresh_tokens"]
+        tokens = self.deps.refresh_tokens
         now = utcnow()
         state, doc = await tokens.use(accounts.hash_refresh_token(body.refresh_token), now)
         if state == "used":
@@ -224,17 +197,17 @@ class RefreshHandler(BaseHandler):
             raise invalid_refresh()
         if state != "ok":
             raise invalid_refresh()
-        user = await self.ctx.deps["users"].by_id(doc["user_id"])
+        user = await self.deps.users.by_id(doc["user_id"])
         if user is None or user.get("token_version", 0) != doc.get("user_version", 0):
             raise invalid_refresh()  # the account's role or password changed since this login
-        pair = await self.ctx.deps["issuer"].pair(user, doc["family"])
+        pair = await self.deps.issuer.pair(user, doc["family"])
         if await tokens.family_revoked(doc["family"]):  # signed out (or found stolen) while we were at it
             await tokens.revoke_family(doc["family"])
             raise invalid_refresh()
         self.write_json(pair)
 
 
-class RevokeHandler(BaseHandler):
+class RevokeHandler(UsersBase):
     """``POST /api/v1/tokens/revoke``: sign one login out (every refresh token of its family). Unknown
     tokens are 204 too: the answer tells nothing about a token."""
 
@@ -242,21 +215,21 @@ class RevokeHandler(BaseHandler):
 
     async def post(self):
         body = self.json_body(RefreshRequest)
-        await self.ctx.deps["refresh_tokens"].revoke_login(accounts.hash_refresh_token(body.refresh_token))
+        await self.deps.refresh_tokens.revoke_login(accounts.hash_refresh_token(body.refresh_token))
         self.ctx.metrics.count("logouts")
         self.set_status(204)
         self.finish()
 
 
-class JwksHandler(BaseHandler):
+class JwksHandler(UsersBase):
     public = {"GET"}
 
     async def get(self):
         self.set_header("Cache-Control", "public, max-age=60")
-        self.write_json({"keys": await self.ctx.deps["keys"].published()})
+        self.write_json({"keys": await self.deps.keys.published()})
 
 
-class ServiceTokenHandler(BaseHandler):
+class ServiceTokenHandler(UsersBase):
     """``POST /oauth/token`` (form or JSON): OAuth2 client credentials → a ``service`` token."""
 
     public = {"POST"}
@@ -274,7 +247,7 @@ class ServiceTokenHandler(BaseHandler):
         expected = self.ctx.settings.service_secret
         if client_id not in SERVICES or not expected or not hmac.compare_digest(secret.encode(), expected.encode()):
             raise errors.Unauthenticated("invalid client credentials", code="invalid_client")
-        signer = await self.ctx.deps["issuer"].signer()
+        signer = await self.deps.issuer.signer()
         token = signer.sign(f"service:{client_id}", "service", SERVICE_TOKEN_TTL)
         self.write_json({"access_token": token, "token_type": "Bearer", "expires_in": SERVICE_TOKEN_TTL})
 

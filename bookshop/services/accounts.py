@@ -208,3 +208,37 @@ class TokenSigner:
         claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "role": role, "iat": now, "exp": now + ttl,
                   "jti": uuid.uuid4().hex}
         return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.kid})
+
+
+class TokenIssuer:
+    """Issues access + refresh token pairs with the active signing key (re-read every few seconds, so a
+    rotation reaches every instance)."""
+
+    def __init__(self, keys, refresh_tokens, access_ttl: int, now: Callable[[], datetime.datetime]):
+        self.keys = keys
+        self.refresh_tokens = refresh_tokens
+        self.access_ttl = access_ttl
+        self._now = now
+        self._signer: TokenSigner | None = None
+        self._checked = 0.0
+
+    async def signer(self) -> TokenSigner:
+        loop = asyncio.get_running_loop()
+        if self._signer is None or loop.time() - self._checked > 5:
+            key = await self.keys.active()
+            if key is None:
+                raise Unavailable("no signing key yet", retry_after=1)
+            if self._signer is None or self._signer.kid != key["kid"]:
+                self._signer = TokenSigner(key["kid"], key["private_pem"])
+            self._checked = loop.time()
+        return self._signer
+
+    async def pair(self, user: dict, family: str | None = None) -> dict:
+        """Tokens for ``user`` as read (its role, its credentials version: a refresh token made from a
+        read that predates a change of role or password is refused when it is used)."""
+        ttl = self.access_ttl
+        access = (await self.signer()).sign(user["_id"], user["role"], ttl)
+        refresh, refresh_hash = new_refresh_token()
+        await self.refresh_tokens.add(refresh_hash, user["_id"], family or uuid.uuid4().hex,
+                                      self._now() + REFRESH_TTL, user.get("token_version", 0))
+        return {"access_token": access, "token_type": "Bearer", "expires_in": ttl, "refresh_token": refresh}

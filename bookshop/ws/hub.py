@@ -475,3 +475,22 @@ class Hub:
     def end_private(self, client: Client) -> None:
         for channel in [c for c in client.subs if c in ("orders", "orders:mine")]:
             self.unsubscribe(client, channel)
+
+
+class Waiters:
+    """Wakes long-poll requests when the hub sees an event of their stream."""
+
+    def __init__(self):
+        self._events: dict[str, asyncio.Event] = {}
+
+    def on_event(self, stream: str, event: dict) -> None:
+        waiter = self._events.pop(stream, None)
+        if waiter is not None:
+            waiter.set()
+
+    async def wait(self, stream: str, timeout: float) -> None:
+        waiter = self._events.setdefault(stream, asyncio.Event())
+        try:
+            await asyncio.wait_for(waiter.wait(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            pass

@@ -15,6 +15,7 @@ import tornado.iostream
 import tornado.websocket
 
 from bookshop.auth import bearer
+from bookshop.deps import GatewayDeps
 from bookshop.handlers.base import REQUEST_ID
 from bookshop.net import client_address
 from bookshop.services import errors
@@ -32,10 +33,13 @@ RETRY_AFTER = 10
 class LiveSocket(tornado.websocket.WebSocketHandler):
     """One browser (or other) client. Anonymous until it sends ``{"op": "auth"}``."""
 
-    def initialize(self, ctx=None, route="/ws", **_):
+    deps: GatewayDeps
+
+    def initialize(self, ctx=None, route="/ws", deps=None, **_):
         self.ctx = ctx
+        self.deps = deps
         self.route = route
-        self.hub = ctx.deps["hub"]
+        self.hub = deps.hub
         self.client = None
         self._expiry = None
         self.address = None
@@ -100,7 +104,7 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.client = self.hub.join(self, self.address)
-        self.ctx.deps["sockets"].add(self)
+        self.deps.sockets.add(self)
 
     # Connection protocol used by the hub
     def write_frame(self, data: bytes):
@@ -226,4 +230,4 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
             self._expiry.cancel()
         if self.client is not None:
             self.hub.leave(self.client)
-        self.ctx.deps["sockets"].discard(self)
+        self.deps.sockets.discard(self)
