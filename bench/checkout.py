@@ -83,6 +83,9 @@ def parse_args(argv):
     parser.add_argument("--samples", type=int, default=15, help="one-at-a-time samples per step (--steps; 15)")
     parser.add_argument("--profile", action="append", default=[], choices=list(SEPARATE_SERVICES),
                         help="run this service under cProfile (implies --separate) and print its hottest functions")
+    parser.add_argument("--db-profile", metavar="PATH",
+                        help="the shop's database server(s) count CPU per command, collection and filter shape, "
+                             "written to PATH.<pid> (BOOKSHOP_DB_PROFILE; slows the database a little)")
     args = parser.parse_args(argv)
     if args.profile:
         args.separate = True
@@ -501,6 +504,8 @@ def main(argv=None) -> int:
 
     with c.Bench("checkout") as bench:
         env = {"BOOKSHOP_REGISTRATION_LIMIT": "0"}
+        if args.db_profile:
+            env["BOOKSHOP_DB_PROFILE"] = args.db_profile
         if args.separate:
             shop = c.Shop(bench, bench.database(), env=env, profile=args.profile).start(*SEPARATE_SERVICES)
         else:

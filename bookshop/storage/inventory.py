@@ -73,10 +73,15 @@ def _change(field: str, sign: int, qty) -> dict:
 
 class HoldArchive:
     """``reservation_lines``: decided hold entries moved out of the level documents, one line per
-    (order, ISBN, entry id) — ``_id`` is ``order|isbn|id``, so an order's lines are one ``_id`` range."""
+    (order, ISBN, entry id) — ``_id`` is ``order|isbn|id``. An order's lines are found by the ``order`` index:
+    the embedded server's ``_id`` index answers equality and ``$in`` only, and an ``_id`` range read every line
+    (measured: 130 lines read, 3 ms of server CPU, per checkout after 300 orders)."""
 
     def __init__(self, database):
         self.lines = database["reservation_lines"]
+
+    async def create_indexes(self) -> None:
+        await self.lines.create_index("order")
 
     async def add(self, lines: list[dict]) -> None:
         """Insert lines; ones already there (a repeated move) are skipped."""
@@ -89,7 +94,7 @@ class HoldArchive:
                 raise
 
     async def of_order(self, order_id: str) -> list[dict]:
-        return await self.lines.find({"_id": {"$gte": f"{order_id}|", "$lt": f"{order_id}}}"}}).to_list(None)
+        return await self.lines.find({"order": order_id}).to_list(None)
 
     @staticmethod
     def line(isbn: str, entry: dict) -> dict:
@@ -121,6 +126,7 @@ class LevelRepo:
         self._timer: asyncio.TimerHandle | None = None
 
     async def create_indexes(self) -> None:
+        await self.archive.create_indexes()
         await self.levels.create_index("pending.at")
         await self.levels.create_index("expires")
         # no index on holds.order: the embedded server rewrites a multikey index's keys for every entry of the
