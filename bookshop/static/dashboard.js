@@ -1,9 +1,14 @@
 /* Bookshop — live dashboard.
  *
- * One WebSocket to the gateway carries every live channel. The page is meant to stay open all day, so
- * everything is built around resuming: the last seq of every channel is kept, and after a reconnect (or a
- * token refresh) the client re-authenticates and re-subscribes with `after` = that seq, so nothing is
- * missed or applied twice. Server data only ever reaches the DOM through textContent.
+ * One WebSocket to the gateway carries every live channel. The page is meant to stay open all day, so it is
+ * built around resuming: the last seq and the epoch of every channel are kept, and after a reconnect (or a
+ * token refresh) the client re-authenticates and re-subscribes with `after` = that seq and that `epoch`, so
+ * nothing is missed or applied twice; the header says how many events the resume caught up. Today's totals
+ * (staff) are read from GET /api/v1/orders/summary on load and again when an order event says they changed:
+ * events move the tiles, nothing polls. Server data only ever reaches the DOM through textContent.
+ *
+ * Tokens (docs/security.md, "The dashboard's sign-in"): the access token lives in memory only; the refresh
+ * token in sessionStorage (this tab, until it closes), never localStorage. Signing out revokes the login.
  */
 (function () {
   "use strict";
@@ -13,8 +18,13 @@
   const API = "/api/v1";
   const PUBLIC_CHANNELS = ["inventory", "books"];
   const PRIVATE_CHANNELS = ["orders", "orders:mine"];
+  const FULL_CHANNELS = ["inventory", "books", "orders"]; // unfiltered: every seq of the stream arrives
   const LOW_STOCK = 5;
   const MAX_ORDERS = 200;
+  const MAX_FEED = 60;
+  const MAX_RECEIVED = 5000;
+  const CHART_MINUTES = 60;
+  const FLASH_MS = 1600;
   const BACKOFF_START_MS = 500;
   const BACKOFF_MAX_MS = 10000;
   const AUTH_REPLY_TIMEOUT_MS = 5000;     // don't hold public channels hostage to a silent auth reply
@@ -22,39 +32,48 @@
   const TITLE_FETCH_CONCURRENCY = 3;
   const TITLE_FETCH_DELAY_MS = 300;       // give the books snapshot a chance to fill the cache first
   const TITLE_RETRY_AFTER_MS = 60000;
-  const SESSION_KEY = "bookshop.session";
+  const REFRESH_KEY = "bookshop.refresh"; // sessionStorage: the refresh token only
+  const CONFIRM_CANCEL_MS = 4000;
 
   // ---- state ----------------------------------------------------------------------------------------
 
   /** What tests (and curious humans in the console) can see. lastSeq is mutated in place, never replaced. */
   const dashboard = {
     lastSeq: {},
+    epochs: {},
+    received: {},        // channel -> seqs of the events applied (bounded): a gap would show here
     state: "connecting",
+    attempt: 0,
     socket: null,
     user: null,
     subscriptions: {},   // channel -> "pending" | "active"
+    resume: null,        // the last reconnect: {channels: {channel: {after, head, caughtUp, reset}}, done}
+    totals: null,
+    totalsReads: 0,
   };
   window.bookshopDashboard = dashboard;
 
   const session = {
-    accessToken: null,
-    refreshToken: null,
+    accessToken: null,     // memory only
+    refreshToken: null,    // memory, and sessionStorage so a reload keeps the sign-in
     expiresAt: 0,          // ms since epoch
     refreshTimer: null,
     refreshing: null,      // the in-flight refresh promise, shared by every caller
   };
 
   const conn = {
-    attempts: 0,           // consecutive failed connections, drives the backoff
+    attempts: 0,           // consecutive failed connections, drives the backoff and the "attempt n" label
     everLive: false,
     reconnectTimer: null,
     countdownTimer: null,
     authPending: false,
     authTimer: null,
     authenticated: false,  // the *socket* is authenticated (not just the HTTP session)
+    authSettled: false,    // the socket's auth was answered (or given up on): private channels are decided
     socketRole: null,
     expiredRetries: 0,     // guards against a refresh/re-auth loop if the server keeps refusing
     resubscribeTimer: null,
+    sent: {},              // channel -> {after, epoch} of the subscribe in flight
   };
 
   // ---- DOM helpers ----------------------------------------------------------------------------------
@@ -62,7 +81,9 @@
   const $ = (id) => document.getElementById(id);
 
   const ui = {
+    body: document.body,
     connState: $("conn-state"),
+    connDetail: $("conn-detail"),
     signinForm: $("signin-form"),
     signinButton: $("signin-button"),
     email: $("signin-email"),
@@ -71,13 +92,30 @@
     userInfo: $("user-info"),
     signoutButton: $("signout-button"),
     authError: $("auth-error"),
+    todayMeta: $("today-meta"),
+    tiles: {
+      confirmed: $("tile-confirmed"),
+      revenue: $("tile-revenue"),
+      cancellations: $("tile-cancellations"),
+      open: $("tile-open"),
+      low: $("tile-low"),
+    },
+    lowList: $("tile-low-list"),
+    chartBars: $("chart-bars"),
+    chartGrid: $("chart-grid"),
+    chartDesc: $("chart-desc"),
+    chartMeta: $("chart-meta"),
+    feed: $("event-feed"),
+    stockTable: $("stock-table"),
     stockBody: $("stock-body"),
     stockEmpty: $("stock-empty"),
     stockSummary: $("stock-summary"),
     stockFilter: $("stock-filter"),
-    orderFeed: $("order-feed"),
+    orderList: $("order-list"),
     ordersHint: $("orders-hint"),
   };
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
 
   /** Creates an element with a class and text; text goes through textContent only. */
   function el(tag, className, text) {
@@ -87,39 +125,86 @@
     return node;
   }
 
-  /** Restarts a CSS animation class even if it is still running from the previous change. */
-  function flash(node) {
-    node.classList.remove("flash");
-    void node.offsetWidth; // force a reflow so the animation starts again
-    node.classList.add("flash");
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, String(value));
+    return node;
   }
 
-  document.addEventListener("animationend", (e) => {
-    if (e.target.classList) e.target.classList.remove("flash");
-  });
+  /** Highlights a changed node. A timer (not animationend) takes the class off, so it ends the same way
+   * when prefers-reduced-motion turns the animation into a still outline. */
+  function flash(node) {
+    node.classList.remove("flash");
+    void node.offsetWidth; // a reflow, so the animation starts again
+    node.classList.add("flash");
+    node.dataset.flashes = String(Number(node.dataset.flashes || 0) + 1);
+    clearTimeout(node._flashTimer);
+    node._flashTimer = setTimeout(() => node.classList.remove("flash"), FLASH_MS);
+  }
+
+  function shortId(id) {
+    const text = String(id);
+    return text.length > 8 ? "…" + text.slice(-6) : text;
+  }
+
+  const moneyFormats = new Map();
+  function formatMoney(cents, currency) {
+    if (cents === undefined || cents === null || !Number.isFinite(Number(cents))) return "";
+    const amount = Number(cents) / 100;
+    const code = typeof currency === "string" && /^[A-Za-z]{3}$/.test(currency) ? currency.toUpperCase() : null;
+    if (!code) return amount.toFixed(2);
+    if (!moneyFormats.has(code)) {
+      try {
+        moneyFormats.set(code, new Intl.NumberFormat(undefined, { style: "currency", currency: code }));
+      } catch (_) {
+        moneyFormats.set(code, null);
+      }
+    }
+    const fmt = moneyFormats.get(code);
+    return fmt ? fmt.format(amount) : amount.toFixed(2) + " " + code;
+  }
+
+  function formatTime(iso) {
+    const date = iso ? new Date(iso) : null;
+    if (!date || Number.isNaN(date.getTime())) return { text: "", iso: "" };
+    const sameDay = date.toDateString() === new Date().toDateString();
+    return {
+      text: sameDay ? date.toLocaleTimeString() : date.toLocaleString(),
+      iso: date.toISOString(),
+    };
+  }
+
+  function plural(n, one, many) {
+    return n + " " + (n === 1 ? one : many);
+  }
 
   // ---- connection state display --------------------------------------------------------------------
 
-  function setState(state, detail) {
+  function setState(state, label) {
     dashboard.state = state;
     ui.connState.dataset.state = state;
     const labels = {
       connecting: "connecting…",
       live: "live",
       reconnecting: "reconnecting…",
-      offline: "offline — waiting for the network",
+      offline: "offline",
     };
-    ui.connState.textContent = detail || labels[state] || state;
+    ui.connState.textContent = label || labels[state] || state;
+  }
+
+  function setDetail(text) {
+    ui.connDetail.textContent = text || "";
   }
 
   function showReconnectCountdown(deadline) {
     clearInterval(conn.countdownTimer);
     const tick = () => {
       const seconds = Math.max(1, Math.ceil((deadline - Date.now()) / 1000));
-      setState("reconnecting", "reconnecting in " + seconds + "s");
+      setState("reconnecting", "reconnecting (attempt " + conn.attempts + ")");
+      setDetail("next try in " + seconds + " s");
     };
     tick();
-    conn.countdownTimer = setInterval(tick, 250);
+    conn.countdownTimer = setInterval(tick, 500);
   }
 
   // ---- HTTP API -------------------------------------------------------------------------------------
@@ -146,6 +231,7 @@
         headers,
         body: body === undefined ? undefined : JSON.stringify(body),
         credentials: "same-origin",
+        cache: "no-store",
       });
     } catch (err) {
       throw new ApiError(0, "network_error", "Network error: the gateway could not be reached.");
@@ -153,7 +239,7 @@
 
     let payload = null;
     try {
-      payload = await response.json();
+      payload = response.status === 204 ? null : await response.json();
     } catch (_) {
       payload = null;
     }
@@ -178,31 +264,19 @@
     if (tokens.refresh_token) session.refreshToken = tokens.refresh_token;
     const lifetime = Number(tokens.expires_in) > 0 ? Number(tokens.expires_in) : 300;
     session.expiresAt = Date.now() + lifetime * 1000;
-    saveSession();
+    try {
+      sessionStorage.setItem(REFRESH_KEY, session.refreshToken);
+    } catch (_) { /* storage can be disabled: memory is enough, a reload then asks to sign in again */ }
     scheduleRefresh();
   }
 
-  function saveSession() {
+  function savedRefreshToken() {
     try {
-      sessionStorage.setItem(SESSION_KEY, JSON.stringify({
-        accessToken: session.accessToken,
-        refreshToken: session.refreshToken,
-        expiresAt: session.expiresAt,
-      }));
-    } catch (_) { /* storage can be disabled; memory is enough */ }
-  }
-
-  function loadSession() {
-    try {
-      const saved = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
-      if (saved && saved.refreshToken) {
-        session.accessToken = saved.accessToken;
-        session.refreshToken = saved.refreshToken;
-        session.expiresAt = Number(saved.expiresAt) || 0;
-        return true;
-      }
-    } catch (_) { /* ignore a corrupt entry */ }
-    return false;
+      const saved = sessionStorage.getItem(REFRESH_KEY);
+      return saved && /^[A-Za-z0-9._~+\/=-]{16,512}$/.test(saved) ? saved : null;
+    } catch (_) {
+      return null;
+    }
   }
 
   function clearSession() {
@@ -210,7 +284,9 @@
     session.accessToken = session.refreshToken = null;
     session.expiresAt = 0;
     session.refreshing = null;
-    try { sessionStorage.removeItem(SESSION_KEY); } catch (_) { /* ignore */ }
+    try { sessionStorage.removeItem(REFRESH_KEY); } catch (_) { /* ignore */ }
+    // an earlier version kept the whole session here
+    try { sessionStorage.removeItem("bookshop.session"); } catch (_) { /* ignore */ }
   }
 
   /** Refreshes a minute before expiry (or at 80% of a short lifetime), so the socket never sees it lapse. */
@@ -237,12 +313,12 @@
         return tokens;
       })
       .catch((err) => {
-        if (err.status === 0 || err.status >= 500) {
+        if (err.status === 0 || err.status >= 500 || err.status === 429) {
           // Transient: keep the session and try again shortly rather than dropping the user.
           clearTimeout(session.refreshTimer);
           session.refreshTimer = setTimeout(() => refreshTokens().then(sendAuth).catch(() => {}), 10000);
         } else if (session.refreshToken === refreshToken) {
-          signOut("Your session has expired — please sign in again.");
+          signOut("Your session has ended — please sign in again.", { revoke: false });
         }
         throw err;
       })
@@ -252,8 +328,8 @@
 
   /** A token that is (nearly) expired is refreshed before being sent, e.g. after the laptop slept. */
   async function freshAccessToken() {
-    if (!session.accessToken) return null;
-    if (session.expiresAt - Date.now() < 10000) await refreshTokens();
+    if (!session.accessToken && !session.refreshToken) return null;
+    if (!session.accessToken || session.expiresAt - Date.now() < 10000) await refreshTokens();
     return session.accessToken;
   }
 
@@ -267,6 +343,10 @@
 
   function currentRole() {
     return (dashboard.user && dashboard.user.role) || conn.socketRole;
+  }
+
+  function isStaff() {
+    return Boolean(session.accessToken) && currentRole() === "staff";
   }
 
   /** Staff watch every order; anyone else signed in watches their own. */
@@ -312,24 +392,38 @@
     }
   }
 
-  /** Forgets the session, clears private data and reconnects anonymously (there is no "de-auth" op). */
-  function signOut(message) {
+  /** Revokes the login at the server (every refresh token of this sign-in), forgets it here, clears private
+   * data and reconnects anonymously (the socket has no "de-auth" op). */
+  function signOut(message, { revoke = true } = {}) {
+    const refreshToken = session.refreshToken;
+    if (revoke && refreshToken) {
+      // keepalive: the revocation is sent even if the tab is closing
+      fetch(API + "/tokens/revoke", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify({ refresh_token: refreshToken }),
+        keepalive: true,
+        credentials: "same-origin",
+      }).catch(() => { /* the tokens are forgotten here anyway; the refresh token expires on its own */ });
+    }
     clearSession();
     dashboard.user = null;
     conn.socketRole = null;
     conn.authenticated = false;
     for (const channel of PRIVATE_CHANNELS) {
       delete dashboard.lastSeq[channel];
+      delete dashboard.epochs[channel];
       delete dashboard.subscriptions[channel];
     }
     clearOrders();
+    clearTotals();
     renderAccount();
     showAuthError(message || "");
     reconnectNow();
   }
 
   function renderAccount() {
-    const signedIn = Boolean(session.accessToken);
+    const signedIn = Boolean(session.accessToken || session.refreshToken);
     ui.signinForm.hidden = signedIn;
     ui.userPanel.hidden = !signedIn;
     const user = dashboard.user;
@@ -339,11 +433,17 @@
     } else {
       ui.userInfo.textContent = signedIn ? "…" : "";
     }
+    const role = signedIn ? (currentRole() || "anonymous") : "anonymous";
+    if (ui.body.dataset.role !== role) {
+      ui.body.dataset.role = role;
+      for (const entry of orderItems.values()) renderOrder(entry);
+    }
     const channel = ordersChannel();
     if (!signedIn) ui.ordersHint.textContent = "Sign in to see orders.";
     else if (channel === "orders") ui.ordersHint.textContent = "All orders (staff view).";
     else if (channel === "orders:mine") ui.ordersHint.textContent = "Your orders.";
     else ui.ordersHint.textContent = "Loading orders…";
+    if (!isStaff()) ui.todayMeta.textContent = "Sign in as staff to see today's sales.";
   }
 
   // ---- WebSocket: connect, reconnect ----------------------------------------------------------------
@@ -360,7 +460,12 @@
       setState("offline", "offline — this browser has no WebSocket support");
       return;
     }
-    setState(conn.everLive ? "reconnecting" : "connecting");
+    if (conn.everLive) {
+      setState("reconnecting", "reconnecting (attempt " + Math.max(1, conn.attempts) + ")");
+      setDetail("connecting…");
+    } else {
+      setState("connecting");
+    }
 
     let ws;
     try {
@@ -371,8 +476,10 @@
     }
     dashboard.socket = ws;
     dashboard.subscriptions = {};
+    conn.sent = {};
     conn.authenticated = false;
     conn.authPending = false;
+    conn.authSettled = false;
 
     // Every handler checks it still belongs to the current socket: a replaced socket must stay silent.
     ws.addEventListener("open", () => {
@@ -388,9 +495,16 @@
   }
 
   async function handleOpen(ws) {
-    setState(conn.everLive ? "reconnecting" : "connecting",
-      (conn.everLive ? "reconnecting" : "connecting") + "… subscribing");
-    if (!session.accessToken) {
+    if (conn.everLive) {
+      // what each channel resumes from, to tell afterwards what was caught up
+      const channels = {};
+      for (const channel of Object.keys(dashboard.lastSeq)) {
+        channels[channel] = { after: dashboard.lastSeq[channel], head: null, caughtUp: 0, done: false, reset: false };
+      }
+      dashboard.resume = { channels, done: false, at: Date.now() };
+      setDetail("resuming…");
+    }
+    if (!session.accessToken && !session.refreshToken) {
       subscribeAll();
       return;
     }
@@ -408,22 +522,24 @@
     conn.authenticated = false;
     dashboard.subscriptions = {};
     dashboard.socket = null;
-    // 4008 (too slow), 1001 (going away) and network drops all mean the same thing here: come back.
+    // 4008 (too slow), 1001 (going away), 1012 (restart) and network drops all mean the same here: come back.
     scheduleReconnect(event && event.code);
   }
 
   function scheduleReconnect(closeCode) {
     clearTimeout(conn.reconnectTimer);
+    conn.attempts += 1;
+    dashboard.attempt = conn.attempts;
     if (navigator.onLine === false) {
       // The "online" event reconnects at once; the slow retry covers browsers that misreport onLine.
       clearInterval(conn.countdownTimer);
-      setState("offline");
+      setState("offline", "offline");
+      setDetail("waiting for the network");
       conn.reconnectTimer = setTimeout(connect, BACKOFF_MAX_MS);
       return;
     }
-    const base = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * Math.pow(2, conn.attempts));
+    const base = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * Math.pow(2, conn.attempts - 1));
     const jittered = Math.round(base * (0.8 + Math.random() * 0.4)); // spread clients after a server restart
-    conn.attempts += 1;
     const deadline = Date.now() + jittered;
     showReconnectCountdown(deadline);
     if (closeCode) ui.connState.title = "last close code " + closeCode;
@@ -448,7 +564,10 @@
     }
   });
   window.addEventListener("offline", () => {
-    if (!dashboard.socket || dashboard.socket.readyState !== WebSocket.OPEN) setState("offline");
+    if (!dashboard.socket || dashboard.socket.readyState !== WebSocket.OPEN) {
+      setState("offline", "offline");
+      setDetail("waiting for the network");
+    }
   });
 
   function send(message) {
@@ -468,6 +587,7 @@
     clearTimeout(conn.authTimer);
     conn.authTimer = setTimeout(() => {
       conn.authPending = false;
+      conn.authSettled = true;
       subscribeAll();
     }, AUTH_REPLY_TIMEOUT_MS);
   }
@@ -497,14 +617,21 @@
 
   function subscribe(channel) {
     const message = { op: "subscribe", channel };
-    // Without `after` the server sends a snapshot; with it, only what we missed.
-    if (typeof dashboard.lastSeq[channel] === "number") message.after = dashboard.lastSeq[channel];
-    if (send(message)) dashboard.subscriptions[channel] = "pending";
+    // Without `after` the server sends a snapshot; with it (and the epoch it is a seq of), what we missed.
+    if (typeof dashboard.lastSeq[channel] === "number") {
+      message.after = dashboard.lastSeq[channel];
+      if (dashboard.epochs[channel]) message.epoch = dashboard.epochs[channel];
+    }
+    if (send(message)) {
+      dashboard.subscriptions[channel] = "pending";
+      conn.sent[channel] = { after: message.after, epoch: message.epoch };
+    }
   }
 
   function syncOrderSubscription() {
     renderAccount();
     if (conn.authenticated && !conn.authPending) subscribeAll();
+    if (isStaff()) refreshTotals();
   }
 
   /** "live" means: socket open and the inventory channel confirmed. Success resets the backoff. */
@@ -513,10 +640,51 @@
     const open = ws && ws.readyState === WebSocket.OPEN;
     if (open && dashboard.subscriptions.inventory === "active") {
       conn.attempts = 0;
+      dashboard.attempt = 0;
       conn.everLive = true;
       ui.connState.removeAttribute("title");
       if (dashboard.state !== "live") setState("live");
+      if (!dashboard.resume) setDetail("");
+      reportResume();
     }
+  }
+
+  // ---- resume bookkeeping: what a reconnect caught up ----------------------------------------------
+
+  function resumeEntry(channel) {
+    const resume = dashboard.resume;
+    if (!resume || resume.done) return null;
+    if (!resume.channels[channel]) {
+      resume.channels[channel] = { after: null, head: null, caughtUp: 0, done: false, reset: false };
+    }
+    return resume.channels[channel];
+  }
+
+  /** Once every channel is back and has replayed up to the head it was resumed at, say so. */
+  function reportResume() {
+    const resume = dashboard.resume;
+    if (!resume || resume.done || dashboard.state !== "live") return;
+    if ((session.accessToken || session.refreshToken) && !conn.authSettled) return; // private channels pending
+    const entries = Object.entries(resume.channels);
+    for (const [channel, entry] of entries) {
+      if (!dashboard.subscriptions[channel] && desiredChannels().includes(channel)) return; // not back yet
+      if (dashboard.subscriptions[channel] && !entry.done) return;
+    }
+    resume.done = true;
+    let caught = 0;
+    const reset = [];
+    for (const [channel, entry] of entries) {
+      caught += entry.caughtUp;
+      if (entry.reset) reset.push(channel);
+    }
+    const text = reset.length
+      ? "back live — " + reset.join(", ") + " reloaded (its history was reset); " +
+        plural(caught, "event", "events") + " caught up"
+      : "back live — resumed where it left off: " + plural(caught, "event", "events") +
+        " caught up, none missed";
+    setDetail(text);
+    dashboard.resume.text = text;
+    addFeedNote(text);
   }
 
   // ---- WebSocket: incoming frames -------------------------------------------------------------------
@@ -537,6 +705,7 @@
       case "snapshot": return handleSnapshot(frame);
       case "event": return handleEvent(frame);
       case "error": return handleServerError(frame);
+      case "unsubscribed": return undefined;
       default: console.debug("bookshop: unknown frame type", frame.type);
     }
   }
@@ -545,16 +714,29 @@
     clearTimeout(conn.authTimer);
     conn.authPending = false;
     conn.authenticated = true;
+    conn.authSettled = true;
     conn.expiredRetries = 0;
     conn.socketRole = frame.role || null;
     renderAccount();
     subscribeAll();
+    if (isStaff()) refreshTotals(); // what happened while the socket was away or unauthenticated
   }
 
   function handleSubscribed(frame) {
     const channel = frame.channel;
     if (!channel) return;
     dashboard.subscriptions[channel] = "active";
+    const sent = conn.sent[channel] || {};
+    const entry = resumeEntry(channel);
+    const resumed = typeof sent.after === "number" && typeof frame.seq === "number" && sent.after <= frame.seq &&
+      (!sent.epoch || !frame.epoch || sent.epoch === frame.epoch);
+    if (entry) {
+      entry.head = frame.seq;
+      if (!resumed) entry.reset = typeof sent.after === "number"; // a snapshot follows
+      // a filtered channel (orders:mine) may never see the head's seq: its catch-up comes in this burst
+      entry.done = resumed && (!FULL_CHANNELS.includes(channel) || dashboard.lastSeq[channel] >= frame.seq);
+    }
+    if (frame.epoch) dashboard.epochs[channel] = frame.epoch;
     // Only adopt the server's seq when we had none: after a resume it may already point past the
     // events it is about to replay, and taking it would make us drop them as duplicates.
     if (typeof dashboard.lastSeq[channel] !== "number" && typeof frame.seq === "number") {
@@ -567,12 +749,23 @@
     const channel = frame.channel;
     if (!channel) return;
     dashboard.subscriptions[channel] = "active";
-    // A snapshot is authoritative (the server judged our `after` too old, or this is the first subscribe).
+    // A snapshot is authoritative (a first subscribe, another epoch, or an `after` out of the history).
     if (typeof frame.seq === "number") dashboard.lastSeq[channel] = frame.seq;
+    if (frame.epoch) dashboard.epochs[channel] = frame.epoch;
+    const entry = resumeEntry(channel);
+    if (entry) {
+      entry.done = true;
+      if (typeof entry.after === "number") entry.reset = true;
+    } else if (conn.everLive && dashboard.state === "live" && typeof conn.sent[channel]?.after === "number") {
+      addFeedNote(channel + ": the stream's history was reset — reloaded from the server");
+    }
     const items = (frame.data && Array.isArray(frame.data.items)) ? frame.data.items : [];
     if (channel === "inventory") replaceStock(items);
     else if (channel === "books") replaceBooks(items);
-    else if (PRIVATE_CHANNELS.includes(channel)) replaceOrders(items);
+    else if (PRIVATE_CHANNELS.includes(channel)) {
+      replaceOrders(items);
+      if (channel === "orders") refreshTotals();
+    }
     updateLiveState();
   }
 
@@ -583,17 +776,42 @@
     if (typeof frame.seq === "number") {
       if (typeof last === "number" && frame.seq <= last) return; // already applied
       dashboard.lastSeq[channel] = frame.seq;
+      const seen = dashboard.received[channel] || (dashboard.received[channel] = []);
+      seen.push(frame.seq);
+      if (seen.length > MAX_RECEIVED) seen.splice(0, seen.length - MAX_RECEIVED);
+    }
+    const entry = resumeEntry(channel);
+    if (entry && !entry.done) {
+      entry.caughtUp += 1;
+      if (typeof entry.head === "number" && frame.seq >= entry.head) entry.done = true;
     }
     const data = frame.data || {};
     switch (frame.event) {
-      case "stock.changed": upsertStock(data, true); break;
+      case "stock.changed": {
+        const before = stockRows.get(String(data.isbn));
+        const previous = before && before.data ? before.data.available : null;
+        upsertStock(data, true);
+        feedStock(data, previous, frame.at);
+        break;
+      }
       case "book.created":
-      case "book.updated": rememberBook(data); break;
-      case "book.deleted": forgetBook(data); break;
+      case "book.updated":
+        rememberBook(data);
+        addFeed((frame.event === "book.created" ? "New book " : "Book updated: ") + bookName(data), frame.at, "book");
+        break;
+      case "book.deleted":
+        addFeed("Book " + bookName(data) + " left sale", frame.at, "book");
+        forgetBook(data);
+        break;
       case "order.created":
-      case "order.status_changed": upsertOrder(data, frame.at, true); break;
+      case "order.status_changed":
+        upsertOrder(data, frame.at, true);
+        addFeed(orderSentence(frame.event, data), frame.at, "order");
+        if (channel === "orders") refreshTotals();
+        break;
       default: console.debug("bookshop: unknown event", frame.event);
     }
+    if (entry && entry.done) reportResume();
   }
 
   function handleServerError(frame) {
@@ -606,6 +824,7 @@
       // Auth refused for another reason: stay anonymous but keep the public channels flowing.
       clearTimeout(conn.authTimer);
       conn.authPending = false;
+      conn.authSettled = true;
       subscribeAll();
     }
     if (frame.channel && dashboard.subscriptions[frame.channel]) {
@@ -613,7 +832,7 @@
       // in that case try again shortly, resuming from the last seq.
       delete dashboard.subscriptions[frame.channel];
       if (frame.channel === "inventory" && dashboard.state === "live") {
-        setState("reconnecting", "reconnecting… stock is unavailable");
+        setState("reconnecting", "reconnecting (stock unavailable)");
       }
       if (code === "unavailable") {
         clearTimeout(conn.resubscribeTimer);
@@ -642,9 +861,179 @@
     } catch (_) { /* refreshTokens signs out or retries on its own */ }
   }
 
+  // ---- the feed: latest events in plain words -------------------------------------------------------
+
+  function addFeed(text, at, kind) {
+    const item = el("li", kind ? "feed-" + kind : "");
+    const time = formatTime(at || new Date().toISOString());
+    const stamp = el("time", null, time.text);
+    if (time.iso) stamp.setAttribute("datetime", time.iso);
+    item.append(stamp, el("span", "feed-text", text));
+    ui.feed.insertBefore(item, ui.feed.firstChild);
+    while (ui.feed.children.length > MAX_FEED) ui.feed.lastElementChild.remove();
+  }
+
+  function addFeedNote(text) {
+    addFeed(text, null, "note");
+    ui.feed.firstChild.classList.add("note");
+  }
+
+  const REASONS = {
+    payment_declined: "payment declined",
+    out_of_stock: "out of stock",
+    reservation_expired: "reservation expired",
+  };
+
+  function orderSentence(event, data) {
+    const status = String(data.status || "").toLowerCase();
+    const verb = event === "order.created" ? "placed" : (status || "changed");
+    const copies = orderCopies(data);
+    let text = "Order " + shortId(data.id) + " " + verb;
+    if (data.reason && verb === "cancelled") text += " (" + (REASONS[data.reason] || String(data.reason).replace(/_/g, " ")) + ")";
+    const parts = [];
+    if (copies !== null) parts.push(plural(copies, "book", "books"));
+    const money = formatMoney(data.total_cents, data.currency);
+    if (money) parts.push(money);
+    return parts.length ? text + " — " + parts.join(", ") : text;
+  }
+
+  function bookName(data) {
+    const title = typeof data.title === "string" && data.title ? data.title : titleCache.get(String(data.isbn));
+    return title ? "“" + title + "”" : "ISBN " + String(data.isbn);
+  }
+
+  function feedStock(data, previous, at) {
+    const level = normaliseStock(data);
+    let text = "Stock of " + bookName(data) + ": " + level.available + " available";
+    if (typeof previous === "number" && previous !== level.available) {
+      const delta = level.available - previous;
+      text += " (" + (delta > 0 ? "+" : "−") + Math.abs(delta) + ")";
+    }
+    addFeed(text, at, "stock");
+  }
+
+  // ---- tiles and chart: today's totals (staff) ------------------------------------------------------
+
+  const totals = {
+    inFlight: null,
+    again: false,
+    midnightTimer: null,
+    minuteTimer: null,
+    clockSkew: 0,          // server time − our time, from the last answer
+    chart: null,           // {from: ms of the first minute, counts: [60]}
+  };
+
+  /** Reads today's totals; while one read is in flight, further events ask for one more read after it. */
+  function refreshTotals() {
+    if (!isStaff()) return;
+    if (totals.inFlight) {
+      totals.again = true;
+      return;
+    }
+    totals.inFlight = apiRequest("GET", "/orders/summary", undefined, { auth: true })
+      .then(renderTotals)
+      .catch((err) => {
+        if (err.status === 403 || err.status === 401) return;
+        ui.todayMeta.textContent = "Today's totals are unavailable (" + err.message + "); they update with the next order.";
+      })
+      .finally(() => {
+        totals.inFlight = null;
+        if (totals.again) {
+          totals.again = false;
+          refreshTotals();
+        }
+      });
+  }
+
+  function setTile(node, text) {
+    if (node.textContent !== text) {
+      const first = node.textContent === "—";
+      node.textContent = text;
+      if (!first) flash(node.parentNode);
+    }
+  }
+
+  function renderTotals(body) {
+    if (!body || !isStaff()) return;
+    dashboard.totals = body;
+    dashboard.totalsReads += 1;
+    setTile(ui.tiles.confirmed, String(body.orders_confirmed));
+    setTile(ui.tiles.revenue, formatMoney(body.revenue_cents, body.currency));
+    setTile(ui.tiles.cancellations, String(body.cancellations));
+    setTile(ui.tiles.open, String(body.open_orders));
+    ui.todayMeta.textContent = "Today, " + body.date + " (" + body.timezone + "): " +
+      plural(body.orders_shipped, "order", "orders") + " shipped. Figures move with every order event.";
+    const asOf = Date.parse(body.as_of);
+    if (!Number.isNaN(asOf)) totals.clockSkew = asOf - Date.now();
+    const chart = body.confirmed_per_minute || {};
+    const from = Date.parse(chart.from);
+    if (!Number.isNaN(from) && Array.isArray(chart.counts)) totals.chart = { from, counts: chart.counts.map(Number) };
+    renderChart();
+    // a new day starts the tiles again at local midnight (the shop's, which the server knows)
+    clearTimeout(totals.midnightTimer);
+    const until = Date.parse(body.until);
+    if (!Number.isNaN(until)) {
+      const wait = Math.min(until - (Date.now() + totals.clockSkew) + 1000, 2147483000);
+      totals.midnightTimer = setTimeout(refreshTotals, Math.max(1000, wait));
+    }
+  }
+
+  function clearTotals() {
+    clearTimeout(totals.midnightTimer);
+    dashboard.totals = null;
+    totals.chart = null;
+    for (const key of ["confirmed", "revenue", "cancellations", "open"]) ui.tiles[key].textContent = "—";
+    renderChart();
+  }
+
+  /** Bars of the last 60 minutes, the current one last; the axis moves on with the clock. */
+  function renderChart() {
+    clearTimeout(totals.minuteTimer);
+    ui.chartBars.replaceChildren();
+    ui.chartGrid.replaceChildren();
+    if (!totals.chart) {
+      ui.chartDesc.textContent = isStaff() ? "Loading…" : "Sign in as staff to see the orders of the last hour.";
+      ui.chartMeta.textContent = isStaff() ? "" : "staff only";
+      return;
+    }
+    const now = Date.now() + totals.clockSkew;
+    const current = Math.floor(now / 60000) * 60000;
+    const first = current - (CHART_MINUTES - 1) * 60000;
+    const counts = [];
+    for (let i = 0; i < CHART_MINUTES; i += 1) {
+      const index = Math.round((first + i * 60000 - totals.chart.from) / 60000);
+      counts.push(index >= 0 && index < totals.chart.counts.length ? totals.chart.counts[index] : 0);
+    }
+    const top = Math.max(3, ...counts);
+    const width = 600 / CHART_MINUTES;
+    for (const fraction of [0.5, 1]) {
+      const y = 160 - fraction * 150;
+      ui.chartGrid.append(svg("line", { x1: 0, x2: 600, y1: y, y2: y }));
+    }
+    counts.forEach((count, i) => {
+      if (!count) return;
+      const height = (count / top) * 150;
+      const bar = svg("rect", { x: i * width + 1, y: 160 - height, width: width - 2, height,
+        "data-minute": new Date(first + i * 60000).toISOString(), "data-count": count });
+      if (i === CHART_MINUTES - 1) bar.setAttribute("class", "now");
+      const tip = svg("title");
+      tip.textContent = new Date(first + i * 60000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) +
+        ": " + plural(count, "order", "orders");
+      bar.append(tip);
+      ui.chartBars.append(bar);
+    });
+    const total = counts.reduce((a, b) => a + b, 0);
+    ui.chartBars.dataset.total = String(total);
+    ui.chartDesc.textContent = plural(total, "order", "orders") + " confirmed in the last hour, at most " +
+      Math.max(...counts) + " in one minute.";
+    ui.chartMeta.textContent = plural(total, "order", "orders") + " in the last hour · scale up to " + top + "/min";
+    totals.minuteTimer = setTimeout(renderChart, 60000 - (now % 60000) + 50);
+  }
+
   // ---- stock table ----------------------------------------------------------------------------------
 
   const stockRows = new Map(); // isbn -> { row, cells, data }
+  const sort = { key: "isbn", dir: 1 };
 
   function toCount(value) {
     const n = Number(value);
@@ -668,24 +1057,88 @@
       on_hand: el("td", "num"),
       reserved: el("td", "num"),
       available: el("td", "num available"),
+      restock: el("td", "restock staff-only"),
     };
     for (const key of Object.keys(cells)) {
       cells[key].dataset.col = key;
       row.appendChild(cells[key]);
     }
-    return { row, cells, data: null };
+    // restock in place (staff): a quantity and a button; Enter in the box sends it too
+    const input = el("input");
+    input.type = "number";
+    input.min = "1";
+    input.max = "100000";
+    input.step = "1";
+    input.placeholder = "qty";
+    input.setAttribute("aria-label", "Copies to add to " + isbn);
+    const button = el("button", "small", "Add");
+    button.type = "button";
+    const error = el("span", "row-error");
+    error.setAttribute("role", "alert");
+    cells.restock.append(input, button, error);
+    const entry = { row, cells, data: null, input, button, error };
+    button.addEventListener("click", () => restock(entry));
+    input.addEventListener("keydown", (e) => {
+      if (e.key === "Enter") restock(entry);
+    });
+    return entry;
   }
 
-  /** Keeps the table sorted by ISBN so rows don't jump around as events arrive. */
-  function insertSorted(row, isbn) {
+  async function restock(entry) {
+    const isbn = entry.row.dataset.isbn;
+    const quantity = Number(entry.input.value);
+    entry.error.textContent = "";
+    if (!Number.isInteger(quantity) || quantity < 1 || quantity > 100000) {
+      entry.error.textContent = "a whole number from 1";
+      return;
+    }
+    entry.button.disabled = true;
+    try {
+      const level = await apiRequest("POST", "/inventory/" + encodeURIComponent(isbn) + "/restock", { quantity },
+        { auth: true });
+      entry.input.value = "";
+      upsertStock(level, true); // every other browser flashes it on the stock.changed event
+    } catch (err) {
+      entry.error.textContent = err.message || "restock failed";
+    } finally {
+      entry.button.disabled = false;
+    }
+  }
+
+  function sortValue(entry, key) {
+    if (key === "isbn") return entry.row.dataset.isbn;
+    if (key === "title") return (titleCache.get(entry.row.dataset.isbn) || "\uffff").toLowerCase();
+    return entry.data ? entry.data[key] : 0;
+  }
+
+  function compareRows(a, b) {
+    const x = sortValue(a, sort.key);
+    const y = sortValue(b, sort.key);
+    if (x < y) return -sort.dir;
+    if (x > y) return sort.dir;
+    return a.row.dataset.isbn < b.row.dataset.isbn ? -1 : (a.row.dataset.isbn > b.row.dataset.isbn ? 1 : 0);
+  }
+
+  /** Puts one row where the sort says (rows only move when their sort value changed). */
+  function placeRow(entry) {
     let before = null;
     for (const child of ui.stockBody.children) {
-      if (child.dataset.isbn > isbn) { before = child; break; }
+      if (child !== entry.row && compareRows(entry, stockRows.get(child.dataset.isbn)) < 0) {
+        before = child;
+        break;
+      }
     }
-    ui.stockBody.insertBefore(row, before);
+    if (entry.row.nextSibling !== before || entry.row.parentNode !== ui.stockBody) ui.stockBody.insertBefore(entry.row, before);
   }
 
-  function upsertStock(raw, animate) {
+  function resortAll() {
+    const entries = Array.from(stockRows.values()).sort(compareRows);
+    const fragment = document.createDocumentFragment();
+    for (const entry of entries) fragment.appendChild(entry.row);
+    ui.stockBody.appendChild(fragment);
+  }
+
+  function upsertStock(raw, animate, batch) {
     if (!raw || raw.isbn === undefined || raw.isbn === null) return;
     const data = normaliseStock(raw);
     let entry = stockRows.get(data.isbn);
@@ -693,7 +1146,6 @@
     if (isNew) {
       entry = createStockRow(data.isbn);
       stockRows.set(data.isbn, entry);
-      insertSorted(entry.row, data.isbn);
       renderTitle(entry);
       observeRow(entry.row);
     }
@@ -708,8 +1160,9 @@
     entry.row.classList.toggle("low", low);
     entry.cells.available.title = low ? "Low stock" : "";
     applyFilter(entry);
+    if (!batch && (isNew || (changed && sort.key !== "isbn" && sort.key !== "title"))) placeRow(entry);
     if (animate && changed) flash(entry.row);
-    if (animate) renderStockSummary();
+    if (!batch) scheduleStockSummary();
   }
 
   /** A snapshot replaces the table: rows not in it go, changed rows flash so the jump is visible. */
@@ -719,7 +1172,7 @@
     for (const item of items) {
       if (!item || item.isbn === undefined) continue;
       seen.add(String(item.isbn));
-      upsertStock(item, hadRows);
+      upsertStock(item, hadRows, true);
     }
     for (const [isbn, entry] of stockRows) {
       if (!seen.has(isbn)) {
@@ -728,16 +1181,38 @@
         stockRows.delete(isbn);
       }
     }
-    renderStockSummary();
+    resortAll();
+    scheduleStockSummary();
+  }
+
+  let summaryFrame = 0;
+  function scheduleStockSummary() {
+    if (summaryFrame) return;
+    summaryFrame = requestAnimationFrame(() => {
+      summaryFrame = 0;
+      renderStockSummary();
+    });
   }
 
   function renderStockSummary() {
-    let low = 0;
-    for (const entry of stockRows.values()) if (entry.data && entry.data.available <= LOW_STOCK) low += 1;
+    const low = [];
+    for (const entry of stockRows.values()) if (entry.data && entry.data.available <= LOW_STOCK) low.push(entry);
     ui.stockEmpty.hidden = stockRows.size > 0;
     ui.stockSummary.textContent = stockRows.size
-      ? stockRows.size + " ISBNs · " + low + " low · updated " + new Date().toLocaleTimeString()
+      ? stockRows.size + " ISBNs · " + low.length + " low · updated " + new Date().toLocaleTimeString()
       : "";
+    const count = String(low.length);
+    if (ui.tiles.low.textContent !== count) {
+      const first = ui.tiles.low.textContent === "—";
+      ui.tiles.low.textContent = count;
+      if (!first) flash(ui.tiles.low.parentNode);
+    }
+    low.sort((a, b) => a.data.available - b.data.available || (a.row.dataset.isbn < b.row.dataset.isbn ? -1 : 1));
+    const items = low.slice(0, 4).map((entry) => {
+      const title = titleCache.get(entry.row.dataset.isbn) || entry.row.dataset.isbn;
+      return el("li", null, title + " (" + entry.data.available + ")");
+    });
+    ui.lowList.replaceChildren(...items);
   }
 
   // Filter box: matches ISBN or known title, case-insensitively.
@@ -756,6 +1231,18 @@
     filterText = ui.stockFilter.value.trim().toLowerCase();
     for (const entry of stockRows.values()) applyFilter(entry);
   });
+
+  // Column headers sort: a click on the current column turns the order round.
+  for (const th of ui.stockTable.querySelectorAll("th[data-sort]")) {
+    th.querySelector("button").addEventListener("click", () => {
+      const key = th.dataset.sort;
+      sort.dir = sort.key === key ? -sort.dir : (key === "isbn" || key === "title" ? 1 : -1);
+      sort.key = key;
+      for (const other of ui.stockTable.querySelectorAll("th[data-sort]")) other.removeAttribute("aria-sort");
+      th.setAttribute("aria-sort", sort.dir > 0 ? "ascending" : "descending");
+      resortAll();
+    });
+  }
 
   // ---- titles: books channel + lazy, rate-limited lookups -------------------------------------------
 
@@ -781,9 +1268,14 @@
   }
 
   function setTitle(isbn, title) {
+    const before = titleCache.get(isbn);
     titleCache.set(isbn, title);
     const entry = stockRows.get(isbn);
-    if (entry) renderTitle(entry);
+    if (entry) {
+      renderTitle(entry);
+      if (sort.key === "title" && before !== title && entry.row.parentNode) placeRow(entry);
+      if (entry.data && entry.data.available <= LOW_STOCK) scheduleStockSummary();
+    }
   }
 
   function rememberBook(book) {
@@ -849,91 +1341,147 @@
     }
   }
 
-  // ---- order feed -----------------------------------------------------------------------------------
+  // ---- orders: the staff's all, a customer's own; ship and cancel in place --------------------------
 
   const orderItems = new Map(); // order id -> { item, parts, data }
-  const moneyFormats = new Map();
 
-  function formatMoney(cents, currency) {
-    if (cents === undefined || cents === null || !Number.isFinite(Number(cents))) return "";
-    const amount = Number(cents) / 100;
-    const code = typeof currency === "string" && /^[A-Za-z]{3}$/.test(currency) ? currency.toUpperCase() : null;
-    if (!code) return amount.toFixed(2);
-    if (!moneyFormats.has(code)) {
-      try {
-        moneyFormats.set(code, new Intl.NumberFormat(undefined, { style: "currency", currency: code }));
-      } catch (_) {
-        moneyFormats.set(code, null);
-      }
-    }
-    const fmt = moneyFormats.get(code);
-    return fmt ? fmt.format(amount) : amount.toFixed(2) + " " + code;
+  function orderCopies(data) {
+    if (Array.isArray(data.items)) return data.items.reduce((n, line) => n + toCount(line.quantity), 0);
+    if (data.items !== undefined && data.items !== null && Number.isFinite(Number(data.items))) return Number(data.items);
+    if (Array.isArray(data.lines)) return data.lines.reduce((n, line) => n + toCount(line.quantity), 0);
+    return null;
   }
 
-  function formatTime(iso) {
-    const date = iso ? new Date(iso) : null;
-    if (!date || Number.isNaN(date.getTime())) return { text: "", iso: "" };
-    const sameDay = date.toDateString() === new Date().toDateString();
-    return {
-      text: sameDay ? date.toLocaleTimeString() : date.toLocaleString(),
-      iso: date.toISOString(),
+  function normaliseOrder(data) {
+    const out = {
+      id: String(data.id),
+      user_id: data.user_id,
+      status: data.status,
+      total_cents: data.total_cents,
+      currency: data.currency,
+      created_at: data.created_at,
     };
+    const copies = orderCopies(data);
+    if (copies !== null) out.copies = copies;
+    if (Array.isArray(data.history) && data.history.length) out.updated_at = data.history[data.history.length - 1].at;
+    if (data.reason) out.reason = data.reason;
+    return out;
   }
 
-  function statusClass(status) {
-    return "status status-" + String(status || "unknown").toLowerCase().replace(/[^a-z0-9_-]/g, "");
-  }
+  const STATUS_RANK = { PENDING: 0, CONFIRMED: 1, SHIPPED: 2, CANCELLED: 2 };
 
   function createOrderItem(id) {
     const item = el("li", "order");
     item.dataset.orderId = id;
     const parts = {
-      id: el("span", "order-id", "#" + id),
+      id: el("span", "order-id", "Order " + shortId(id)),
       status: el("span", "status"),
       total: el("span", "order-total"),
       time: el("time", "order-time"),
+      actions: el("span", "order-actions"),
+      error: el("p", "order-error"),
     };
-    item.append(parts.id, parts.status, parts.total, parts.time);
+    parts.id.title = id;
+    parts.error.setAttribute("role", "alert");
+    parts.error.hidden = true;
+    item.append(parts.id, parts.status, parts.total, parts.time, parts.actions, parts.error);
     return { item, parts, data: {} };
   }
 
   function renderOrder(entry, at) {
     const data = entry.data;
+    entry.item.dataset.status = data.status || "";
     entry.parts.status.textContent = data.status || "unknown";
-    entry.parts.status.className = statusClass(data.status);
-    entry.parts.total.textContent = formatMoney(data.total_cents, data.currency);
+    entry.parts.status.className = "status status-" + String(data.status || "unknown").toLowerCase().replace(/[^a-z]/g, "");
+    const copies = typeof data.copies === "number" ? plural(data.copies, "book", "books") + " · " : "";
+    entry.parts.total.textContent = copies + formatMoney(data.total_cents, data.currency);
     const time = formatTime(at || data.updated_at || data.created_at);
     entry.parts.time.textContent = time.text;
     if (time.iso) entry.parts.time.setAttribute("datetime", time.iso);
     else entry.parts.time.removeAttribute("datetime");
+    renderOrderActions(entry);
   }
 
-  /** New or changed orders go to the top of the feed; the feed never grows past MAX_ORDERS. */
-  function upsertOrder(data, at, animate) {
-    if (!data || data.id === undefined || data.id === null) return;
-    const id = String(data.id);
-    let entry = orderItems.get(id);
-    if (!entry) {
-      entry = createOrderItem(id);
-      orderItems.set(id, entry);
+  function renderOrderActions(entry) {
+    const status = entry.data.status;
+    const buttons = [];
+    const staff = isStaff();
+    const own = dashboard.user && entry.data.user_id === dashboard.user.id;
+    if (staff && status === "CONFIRMED") buttons.push(actionButton(entry, "ship", "Ship", ""));
+    if ((staff || own) && (status === "PENDING" || status === "CONFIRMED")) {
+      buttons.push(actionButton(entry, "cancel", "Cancel", "danger"));
     }
-    entry.data = Object.assign({}, entry.data, data); // status events may carry only part of the order
+    entry.parts.actions.replaceChildren(...buttons);
+  }
+
+  function actionButton(entry, action, label, extraClass) {
+    const button = el("button", "small " + extraClass, label);
+    button.type = "button";
+    button.dataset.action = action;
+    button.setAttribute("aria-label", label + " order " + entry.data.id);
+    button.addEventListener("click", () => {
+      // cancelling refunds and restocks: it asks for a second click
+      if (action === "cancel" && button.dataset.armed !== "1") {
+        button.dataset.armed = "1";
+        button.textContent = "Confirm cancel";
+        setTimeout(() => {
+          if (button.isConnected) {
+            button.dataset.armed = "";
+            button.textContent = label;
+          }
+        }, CONFIRM_CANCEL_MS);
+        return;
+      }
+      orderAction(entry, action, button);
+    });
+    return button;
+  }
+
+  async function orderAction(entry, action, button) {
+    button.disabled = true;
+    entry.parts.error.hidden = true;
+    try {
+      const order = await apiRequest("POST", "/orders/" + encodeURIComponent(entry.data.id) + "/" + action, {},
+        { auth: true });
+      upsertOrder(order, null, true, false);
+    } catch (err) {
+      entry.parts.error.textContent = (action === "ship" ? "Could not ship: " : "Could not cancel: ") + err.message;
+      entry.parts.error.hidden = false;
+      button.disabled = false;
+    }
+  }
+
+  /** New or changed orders go to the top of the list; a stale status (an answer after a newer event) is
+   * not taken back. The list never grows past MAX_ORDERS. */
+  function upsertOrder(raw, at, animate, toTop = true) {
+    if (!raw || raw.id === undefined || raw.id === null) return;
+    const data = normaliseOrder(raw);
+    let entry = orderItems.get(data.id);
+    if (!entry) {
+      entry = createOrderItem(data.id);
+      orderItems.set(data.id, entry);
+    }
+    const known = entry.data.status;
+    if (known && STATUS_RANK[data.status] < STATUS_RANK[known]) return;
+    if (known === data.status && !animate) return;
+    const changed = known !== data.status;
+    entry.data = Object.assign({}, entry.data, data);
     renderOrder(entry, at);
-    if (animate || !entry.item.parentNode) ui.orderFeed.insertBefore(entry.item, ui.orderFeed.firstChild);
-    if (animate) flash(entry.item);
+    if ((animate && toTop && changed) || !entry.item.parentNode) ui.orderList.insertBefore(entry.item, ui.orderList.firstChild);
+    if (animate && changed) flash(entry.item);
     trimOrders();
   }
 
   function trimOrders() {
-    while (ui.orderFeed.children.length > MAX_ORDERS) {
-      const last = ui.orderFeed.lastElementChild;
+    while (ui.orderList.children.length > MAX_ORDERS) {
+      const last = ui.orderList.lastElementChild;
       orderItems.delete(last.dataset.orderId);
       last.remove();
     }
   }
 
   function orderTime(order) {
-    const t = Date.parse(order.updated_at || order.created_at || "");
+    const t = Date.parse(order.created_at || "");
     return Number.isNaN(t) ? 0 : t;
   }
 
@@ -942,19 +1490,18 @@
     const sorted = items.filter((o) => o && o.id !== undefined)
       .sort((a, b) => orderTime(b) - orderTime(a))
       .slice(0, MAX_ORDERS);
-    // Appended in newest-first order, matching how live events are prepended.
     for (const order of sorted) {
       const entry = createOrderItem(String(order.id));
-      entry.data = Object.assign({}, order);
-      orderItems.set(String(order.id), entry);
+      entry.data = normaliseOrder(order);
+      orderItems.set(entry.data.id, entry);
       renderOrder(entry);
-      ui.orderFeed.appendChild(entry.item);
+      ui.orderList.appendChild(entry.item);
     }
   }
 
   function clearOrders() {
     orderItems.clear();
-    ui.orderFeed.replaceChildren();
+    ui.orderList.replaceChildren();
   }
 
   // ---- start-up -------------------------------------------------------------------------------------
@@ -964,15 +1511,17 @@
 
   function start() {
     renderStockSummary();
-    if (loadSession()) {
+    renderChart();
+    const saved = savedRefreshToken();
+    try { sessionStorage.removeItem("bookshop.session"); } catch (_) { /* an earlier version's entry */ }
+    if (saved) {
+      // a reload: the access token was in memory only, so the saved refresh token gets a new pair
+      session.refreshToken = saved;
       renderAccount();
-      scheduleRefresh();
-      // Restore who is signed in; the socket's auth waits for a fresh token in handleOpen.
-      freshAccessToken()
+      refreshTokens()
         .then(loadCurrentUser)
-        .catch((err) => {
-          if (err && err.status === 401 && session.accessToken) signOut("Your session has expired — please sign in again.");
-        });
+        .then(() => sendAuth())
+        .catch(() => { /* refreshTokens signs out when the login has ended */ });
     } else {
       renderAccount();
     }
