@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for readers and type checkers
     from bookshop.services.accounts import HashPool, RegistrationLimit, TokenIssuer
     from bookshop.services.catalog import CursorCodec
     from bookshop.services.checkout import Checkout
+    from bookshop.services.place_order import PlaceOrders
     from bookshop.services.inventory import Reservations
     from bookshop.services.recommendations import Learner, Recommender
     from bookshop.storage.catalog import BookRepo
@@ -60,6 +61,7 @@ class OrdersDeps:
     orders: OrderRepo
     carts: CartRepo
     checkout: Checkout
+    place_orders: PlaceOrders
     cursors: CursorCodec
     catalog: CatalogClient
     inventory: InventoryClient

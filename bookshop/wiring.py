@@ -129,7 +129,9 @@ async def _inventory(ctx: ServiceContext) -> tuple[InventoryDeps, list]:
 async def _orders(ctx: ServiceContext) -> tuple[OrdersDeps, list]:
     from bookshop.handlers import orders, stats
     from bookshop.services.catalog import CursorCodec
+    from bookshop.handlers.base import status_of
     from bookshop.services.checkout import Checkout
+    from bookshop.services.place_order import PlaceOrders
     from bookshop.services.stats import TodaysTotals
     from bookshop.storage.order_stats import OrderStatsRepo
     from bookshop.storage.orders import CartRepo, OrderRepo
@@ -162,7 +164,9 @@ async def _orders(ctx: ServiceContext) -> tuple[OrdersDeps, list]:
                         metrics=ctx.metrics, now=utcnow, concurrency=ctx.settings.checkout_concurrency,
                         recovery_trace=lambda order: tracing.linked_trace(
                             "recover order", order.get("traceparent"), {"order.id": order["_id"]}))
-    deps = OrdersDeps(orders=repo, carts=CartRepo(ctx.db), checkout=checkout,
+    carts = CartRepo(ctx.db)
+    place_orders = PlaceOrders(checkout, repo, carts, ctx.settings.checkout_wait, status_of)
+    deps = OrdersDeps(orders=repo, carts=carts, checkout=checkout, place_orders=place_orders,
                       cursors=CursorCodec(ctx.settings.service_secret), catalog=catalog, inventory=inventory,
                       payments=payments)
     # the recovery pass also sets the gauge saga_recovery_backlog (deploy/monitoring): no query of its own

@@ -1,23 +1,21 @@
 """Orders service routes: the cart, placing orders (idempotent), reading, cancelling and shipping them."""
 from __future__ import annotations
 
-import asyncio
 import datetime
-import hmac
 import logging
 import re
 
 from bookshop import tracing
 from bookshop.deps import OrdersDeps
-from bookshop.handlers.base import BaseHandler, error_body, status_of
+from bookshop.handlers.base import BaseHandler, error_body
 from bookshop.handlers.catalog import ISBN
 from bookshop.handlers.common import int_arg
 from bookshop.services import cards, errors
 from bookshop.services.catalog import page_limit
-from bookshop.services.checkout import RETRYABLE, DuplicateRequest, PlaceOrder, first_answer, request_fingerprint
+from bookshop.services.checkout import request_fingerprint
 from bookshop.services.isbn import normalize_isbn
-from bookshop.services.orders import OrderStatus, merge_lines, price, qualifies_for_promotion
-from bookshop.storage.orders import new_order_id, order_view
+from bookshop.services.orders import OrderStatus, order_view, price, qualifies_for_promotion
+from bookshop.services.place_order import Answer, OrderRequest
 from bookshop.validation import StrictModel
 
 log = logging.getLogger(__name__)
@@ -145,166 +143,35 @@ class OrdersHandler(OrdersBase):
         if not key or not _KEY.match(key):
             raise errors.InvalidInput("Idempotency-Key header: required, 1 to 128 letters, digits or ._:-",
                                       code="idempotency_key_required", details={"field": "Idempotency-Key"})
-        body = self.json_body(NewOrder)
-        checkout = self.deps.checkout
-        checkout.gate.refuse_if_full()  # overloaded: answered at once, before any database work (a 503)
-        fingerprint = request_fingerprint(self.json_body(), self.ctx.settings.service_secret)
-        # a duplicate of a request this process is still answering waits for that answer (no database work)
-        ident = (principal.sub, key)
-        first = checkout.requests.get(ident)
-        mine = None
-        if first is None:
-            mine = checkout.requests[ident] = asyncio.get_running_loop().create_future()
-        else:
-            await asyncio.wait([first], timeout=self.ctx.settings.checkout_wait + 5)
-        try:
-            # a replay is answered before the command is built: it must not depend on the cart as it is now
-            # (a confirmed from_cart order has emptied it)
-            existing = await self.deps.orders.by_key(principal.sub, key)
-            if existing is not None:
-                await self.replay(existing, principal.sub, key, fingerprint)
-                return
-            cmd = await self.command(principal.sub, body)
-            try:
-                status, payload = await self.place(new_order_id(), cmd, key, fingerprint)
-            except DuplicateRequest:  # a concurrent request with this key (in another process) got there first
-                await self.replay(None, principal.sub, key, fingerprint)
-                return
-            self.send(status, payload)
-        finally:
-            if mine is not None:
-                del checkout.requests[ident]
-                mine.set_result(None)
+        request = self.order_request(principal.sub, key, self.json_body(NewOrder))
+        self.write_answer(await self.deps.place_orders.place(request))
 
-    async def command(self, user_id: str, body: NewOrder) -> PlaceOrder:
+    def order_request(self, user_id: str, key: str, body: NewOrder) -> OrderRequest:
         if (body.items is None) == (not body.from_cart):
             raise errors.InvalidInput("items: give either items or from_cart: true", code="invalid_field",
                                       details={"field": "items"})
-        if body.from_cart:
-            lines = [(i["isbn"], i["quantity"]) for i in await self.deps.carts.get(user_id)]
-            if not lines:
-                raise errors.InvalidInput("from_cart: the cart is empty", code="cart_empty",
-                                          details={"field": "from_cart"})
-        else:
-            lines = [(normalize_isbn(line.isbn, f"items[{i}].isbn"), line.quantity)
-                     for i, line in enumerate(body.items)]
-        lines = merge_lines(lines)
+        items = None if body.from_cart else [(normalize_isbn(line.isbn, f"items[{i}].isbn"), line.quantity)
+                                             for i, line in enumerate(body.items)]
         card = body.payment
         number = cards.validate_card(card.card_number, card.exp_month, card.exp_year, card.cvc,
                                      datetime.date.today())
         if body.expected_total_cents is not None and body.expected_total_cents < 0:
             raise errors.InvalidInput("expected_total_cents: must not be negative", code="invalid_field",
                                       details={"field": "expected_total_cents"})
-        return PlaceOrder(user_id=user_id, lines=lines, shipping_address=_check_address(body.shipping_address),
-                          card={**card.model_dump(), "card_number": number},
-                          expected_total_cents=body.expected_total_cents, from_cart=bool(body.from_cart),
-                          traceparent=tracing.traceparent())
+        return OrderRequest(user_id=user_id, key=key,
+                            fingerprint=request_fingerprint(self.json_body(), self.ctx.settings.service_secret),
+                            items=items, shipping_address=_check_address(body.shipping_address),
+                            card={**card.model_dump(), "card_number": number},
+                            expected_total_cents=body.expected_total_cents, traceparent=tracing.traceparent())
 
-    async def place(self, order_id: str, cmd: PlaceOrder, key: str, fingerprint: str) -> tuple[int, dict]:
-        """Run the saga; answer 201 if it ends in time, 202 PENDING if it is still running. The answer is
-        recorded in the order (see ``first_answer``), except a 5xx, which frees the key for a retry."""
-        checkout = self.deps.checkout
-        orders = self.deps.orders
-        wait = self.ctx.settings.checkout_wait
-        try:
-            order, task = await checkout.place(order_id, cmd, key, fingerprint, wait=wait)
-        except errors.DomainError as exc:  # nothing was made: not an answer to remember
-            return self.refusal(exc)
-        try:
-            doc = await asyncio.wait_for(asyncio.shield(task), wait)
-        except asyncio.TimeoutError:
-            doc = None
-        except errors.Unavailable as exc:  # cancelled, and its key freed: the client may retry with it
-            return self.refusal(exc, order_id)
-        except errors.DomainError:  # the cancellation that stands for this error is recorded in the order
-            doc = await orders.get(order_id)
-        except Exception:
-            await orders.release_key(order_id)  # a 500 is not an answer to replay
-            raise
-        if doc is None or doc["status"] == OrderStatus.PENDING.value:
-            if await orders.record_pending_answer(order_id):
-                return 202, order_view(order)
-            doc = await orders.get(order_id)  # decided meanwhile: that is the answer
-        return order_answer(first_answer(doc), self.request_id)
-
-    def refusal(self, exc: errors.DomainError, order_id: str | None = None) -> tuple[int, dict]:
-        details = dict(exc.details or {})
-        if order_id is not None:
-            details.setdefault("order_id", order_id)
-        if exc.retry_after:
-            self.set_header("Retry-After", str(exc.retry_after))
-        return status_of(exc), error_body(exc.code, exc.message, self.request_id, details or None)
-
-    async def replay(self, found: dict | None, user_id: str, key: str, fingerprint: str) -> None:
-        """Answer a repeated key with its first answer, waiting (a while) for it if the first request is
-        still running. ``found`` is the key's order (None: it is being created by a concurrent request)."""
-        orders = self.deps.orders
-        checkout = self.deps.checkout
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.ctx.settings.checkout_wait + 5
-        doc, seen = found, found is not None
-        pause = 0.05
-        while True:
-            if doc is not None:
-                seen = True
-                idem = doc.get("idem") or {}
-                if idem.get("fp") is not None and not hmac.compare_digest(idem["fp"], fingerprint):
-                    raise errors.IdempotencyMismatch()
-                if idem.get("legacy") is not None:  # an answer stored verbatim by an earlier version
-                    self.send(idem["legacy"]["status"], idem["legacy"]["body"])
-                    return
-                if idem.get("answer") is not None:
-                    self.send(*order_answer(first_answer(doc), self.request_id))
-                    return
-            elif seen:  # the first request failed with a 5xx and freed the key: the client may retry
-                raise errors.Conflict("the first request with this key failed; retry", code="request_failed",
-                                      retry_after=1)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                if doc is None:
-                    raise errors.Conflict("the first request with this key is still running",
-                                          code="request_in_progress", retry_after=1)
-                self.send(*order_answer(doc, self.request_id))  # its request died: the order as it stands
-                return
-            task = checkout.task_of(doc["_id"]) if doc is not None else None
-            if task is not None:
-                await asyncio.wait([task], timeout=remaining)
-            else:
-                # driven by another process (or by nobody until recovery takes it): look again, less and less
-                # often, so that many waiting clients do not keep the database from the work they wait for
-                pause = min(pause * 2, 1.0)
-                await asyncio.sleep(min(pause, remaining))
-            doc = await orders.by_key(user_id, key)
-
-    def send(self, status: int, payload: dict) -> None:
-        if status in (503, 429) and not self._headers.get("Retry-After"):
-            self.set_header("Retry-After", "5")
-        self.write_json(payload, status)
-
-
-def order_answer(order: dict, request_id: str) -> tuple[int, dict]:
-    """The answer to POST /orders for an order as it stands: 201 CONFIRMED, 202 PENDING, or the error
-    its cancellation stands for."""
-    status = order["status"]
-    if status in (OrderStatus.CONFIRMED.value, OrderStatus.SHIPPED.value):
-        return 201, order_view(order)
-    if status == OrderStatus.PENDING.value:
-        return 202, order_view(order)
-    reason = order["history"][-1].get("reason")
-    outcome = order.get("outcome") or {}
-    details = {"order_id": order["_id"]}
-    if reason == "payment_declined":
-        return 402, error_body("payment_declined", "the card was declined", request_id,
-                               {**details, "reason": outcome.get("reason")})
-    if reason == "out_of_stock":
-        return 409, error_body("out_of_stock", "not enough stock", request_id,
-                               {**details, "items": outcome.get("items", [])})
-    if reason == "reservation_expired":
-        return 409, error_body("out_of_stock", "the stock reservation expired", request_id, {**details, "items": []})
-    if reason in RETRYABLE:
-        return 503, error_body("service_unavailable", f"the checkout could not finish ({reason}); retry",
-                               request_id, details)
-    return 409, error_body("order_cancelled", f"the order was cancelled ({reason})", request_id, details)
+    def write_answer(self, answer: Answer) -> None:
+        if answer.order is not None:
+            self.write_json(order_view(answer.order), answer.status)
+            return
+        if answer.retry_after or answer.status in (503, 429):
+            self.set_header("Retry-After", str(answer.retry_after or 5))
+        body = answer.body or error_body(answer.code, answer.message, self.request_id, answer.details)
+        self.write_json(body, answer.status)
 
 
 async def visible_order(handler: OrdersBase, order_id: str) -> dict:

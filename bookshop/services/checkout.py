@@ -200,7 +200,6 @@ class Checkout:
         self.is_gone = is_gone or (lambda other: owner_is_gone(other, self.owner))
         self.gate = Gate(concurrency, concurrency if queue is None else queue)
         self.tasks: dict[str, asyncio.Future] = {}  # order id -> its saga started by place()
-        self.requests: dict[tuple[str, str], asyncio.Future] = {}  # (customer, key) -> its request, answering
         self.running: dict[str, datetime.datetime] = {}  # order id -> lease end, for what this process runs
         self._renewal: asyncio.TimerHandle | None = None
         self._recovering: dict[str, asyncio.Future] = {}  # order id -> its recovery task

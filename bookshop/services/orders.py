@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 
 from bookshop.services.cards import MAX_CHARGE_CENTS
@@ -125,3 +126,20 @@ def check_chargeable(priced: Price) -> None:
 
 def qualifies_for_promotion(lines: list[tuple[str, int]]) -> bool:
     return sum(q for _, q in lines) >= PROMOTION_MIN_COPIES
+
+
+def iso(value: datetime.datetime | None) -> str | None:
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None
+
+
+def order_view(doc: dict) -> dict:
+    """An order as the API shows it."""
+    return {
+        "id": doc["_id"], "user_id": doc["user_id"], "status": doc["status"],
+        "items": doc["items"], "subtotal_cents": doc["subtotal_cents"], "discount_cents": doc["discount_cents"],
+        "total_cents": doc["total_cents"], "currency": doc["currency"],
+        "promotion_applied": doc["promotion_applied"], "shipping_address": doc["shipping_address"],
+        "payment": {"status": doc["payment"]["status"], "last4": doc["payment"].get("last4")},
+        "history": [{k: (iso(v) if k == "at" else v) for k, v in h.items()} for h in doc["history"]],
+        "created_at": iso(doc["created_at"]),
+    }

@@ -21,7 +21,7 @@ import pymongo
 import pymongo.errors
 from bson import ObjectId
 
-from bookshop.services.orders import OrderStatus
+from bookshop.services.orders import OrderStatus, iso, order_view  # noqa: F401 (order_view: its old home)
 from bookshop.storage.mongo import DuplicateKeyError
 from bookshop.storage.outbox import EventLog, new_event, utcnow
 
@@ -34,22 +34,6 @@ _NOT_PENDING = {"pending": 0}
 
 def _lit(value):
     return {"$literal": value}
-
-
-def iso(value: datetime.datetime | None) -> str | None:
-    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None
-
-
-def order_view(doc: dict) -> dict:
-    return {
-        "id": doc["_id"], "user_id": doc["user_id"], "status": doc["status"],
-        "items": doc["items"], "subtotal_cents": doc["subtotal_cents"], "discount_cents": doc["discount_cents"],
-        "total_cents": doc["total_cents"], "currency": doc["currency"],
-        "promotion_applied": doc["promotion_applied"], "shipping_address": doc["shipping_address"],
-        "payment": {"status": doc["payment"]["status"], "last4": doc["payment"].get("last4")},
-        "history": [{k: (iso(v) if k == "at" else v) for k, v in h.items()} for h in doc["history"]],
-        "created_at": iso(doc["created_at"]),
-    }
 
 
 def event_data(doc: dict, status: str | None = None, **extra) -> dict:
@@ -109,6 +93,11 @@ class OrderRepo:
                 await self.orders.drop_index(name)
             except pymongo.errors.OperationFailure:
                 pass
+
+    @staticmethod
+    def new_id() -> str:
+        """A new order's id (an ObjectId's hex: ids sort by creation time)."""
+        return new_order_id()
 
     # -- reads --------------------------------------------------------------------------------------
     async def get(self, order_id: str) -> dict | None:
