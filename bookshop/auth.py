@@ -17,13 +17,11 @@ from typing import Awaitable, Callable
 import jwt
 
 from bookshop.services.errors import Unauthenticated, Unavailable
+from bookshop.services.tokens import ALGORITHM, AUDIENCE, ISSUER, ROLES
 
 log = logging.getLogger(__name__)
 
-ISSUER = "bookshop-users"
-AUDIENCE = "bookshop"
-ALGORITHM = "RS256"
-ROLES = ("customer", "staff", "service")
+__all__ = ["ALGORITHM", "AUDIENCE", "ISSUER", "ROLES", "Principal", "TokenVerifier", "bearer"]
 
 
 @dataclasses.dataclass(frozen=True)

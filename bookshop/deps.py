@@ -16,18 +16,20 @@ if TYPE_CHECKING:  # pragma: no cover - names for readers and type checkers
     from bookshop.clients.services import (CatalogClient, InventoryClient, OrdersClient, PaymentsClient,
                                            RecommendationsClient, UsersClient)
     from bookshop.services.accounts import HashPool, RegistrationLimit, TokenIssuer
+    from bookshop.services.books import EditBook
+    from bookshop.services.logins import LockoutPolicy, Login, Refresh
     from bookshop.services.catalog import CursorCodec
     from bookshop.services.checkout import Checkout
     from bookshop.services.place_order import PlaceOrders
     from bookshop.services.inventory import Reservations
-    from bookshop.services.recommendations import Learner, Recommender
+    from bookshop.services.recommendations import Learner, Recommend
     from bookshop.storage.catalog import BookRepo
     from bookshop.storage.inventory import LevelRepo
     from bookshop.storage.orders import CartRepo, OrderRepo
     from bookshop.storage.payments import ChargeRepo
     from bookshop.storage.users import KeyRepo, LoginAttemptRepo, RefreshTokenRepo, UserRepo
     from bookshop.ws.hub import Hub, Waiters
-    from bookshop.ws.socket import LiveSocket
+    from bookshop.handlers.live import LiveSocket
 
 frozen = dataclasses.dataclass(frozen=True, slots=True)
 
@@ -41,12 +43,16 @@ class UsersDeps:
     issuer: TokenIssuer
     hashes: HashPool
     registrations: RegistrationLimit
+    lockout: LockoutPolicy
+    login: Login
+    refresh: Refresh
 
 
 @frozen
 class CatalogDeps:
     books: BookRepo
     cursors: CursorCodec
+    edit_book: EditBook
 
 
 @frozen
@@ -76,7 +82,7 @@ class PaymentsDeps:
 @frozen
 class RecommendationsDeps:
     learner: Learner
-    recommender: Recommender
+    recommend: Recommend
 
 
 @frozen

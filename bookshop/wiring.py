@@ -11,7 +11,7 @@ import datetime
 import logging
 
 from bookshop import tracing
-from bookshop.app import ServiceContext, make_app
+from bookshop.context import ServiceContext, make_app
 from bookshop.auth import TokenVerifier
 from bookshop.clients import services as clients
 from bookshop.deps import (CatalogDeps, GatewayDeps, InventoryDeps, OrdersDeps, PaymentsDeps, RecommendationsDeps,
@@ -43,15 +43,20 @@ async def _every(ctx: ServiceContext, seconds: float, work, name: str) -> None:
 
 async def _users(ctx: ServiceContext) -> tuple[UsersDeps, list]:
     from bookshop.handlers import users
-    from bookshop.services import accounts
-    from bookshop.storage.outbox import utcnow
+    from bookshop.services import accounts, logins
+    from bookshop.services.clock import utcnow
     from bookshop.storage.users import KeyRepo, LoginAttemptRepo, RefreshTokenRepo, UserRepo
     db, settings = ctx.db, ctx.settings
-    keys, refresh_tokens = KeyRepo(db), RefreshTokenRepo(db)
+    users_repo, keys, refresh_tokens, attempts = UserRepo(db), KeyRepo(db), RefreshTokenRepo(db), LoginAttemptRepo(db)
     hashes = accounts.HashPool()
-    deps = UsersDeps(users=UserRepo(db), refresh_tokens=refresh_tokens, keys=keys, login_attempts=LoginAttemptRepo(db),
-                     issuer=accounts.TokenIssuer(keys, refresh_tokens, settings.access_token_ttl, utcnow),
-                     hashes=hashes, registrations=accounts.RegistrationLimit(settings.registration_limit))
+    issuer = accounts.TokenIssuer(keys, refresh_tokens, settings.access_token_ttl, utcnow)
+    lockout = logins.LockoutPolicy(attempts, hashes, settings.login_max_failures, settings.login_lock_seconds,
+                                   ctx.metrics)
+    deps = UsersDeps(users=users_repo, refresh_tokens=refresh_tokens, keys=keys, login_attempts=attempts,
+                     issuer=issuer, hashes=hashes,
+                     registrations=accounts.RegistrationLimit(settings.registration_limit),
+                     lockout=lockout, login=logins.Login(users_repo, lockout, issuer),
+                     refresh=logins.Refresh(refresh_tokens, users_repo, issuer, utcnow))
     for repo in (deps.users, deps.refresh_tokens, deps.login_attempts):
         await repo.create_indexes()
     if await keys.active() is None:
@@ -82,6 +87,7 @@ async def _users(ctx: ServiceContext) -> tuple[UsersDeps, list]:
 async def _catalog(ctx: ServiceContext) -> tuple[CatalogDeps, list]:
     from bookshop.handlers import catalog
     from bookshop.services import demo_data
+    from bookshop.services.books import EditBook
     from bookshop.services.catalog import CursorCodec, search_words
     from bookshop.storage.catalog import BookRepo
     if not ctx.settings.service_secret:
@@ -96,7 +102,8 @@ async def _catalog(ctx: ServiceContext) -> tuple[CatalogDeps, list]:
                                    for b in demo_data.demo_books()])
         if seeded:
             log.info("seeded the demo catalogue (%d books)", seeded)
-    return CatalogDeps(books=books, cursors=CursorCodec(ctx.settings.service_secret)), catalog.routes()
+    deps = CatalogDeps(books=books, cursors=CursorCodec(ctx.settings.service_secret), edit_book=EditBook(books))
+    return deps, catalog.routes()
 
 
 async def _inventory(ctx: ServiceContext) -> tuple[InventoryDeps, list]:
@@ -196,7 +203,7 @@ async def _recommendations(ctx: ServiceContext) -> tuple[RecommendationsDeps, li
     import uuid
     from bookshop.clients.stream import EventStreamClient
     from bookshop.handlers import recommendations
-    from bookshop.services.recommendations import Learner, Recommender
+    from bookshop.services.recommendations import Learner, Recommend, Recommender
     from bookshop.storage.recommendations import CoPurchaseRepo
     ctx.use_remote_keys()
     repo = CoPurchaseRepo(ctx.db)
@@ -208,7 +215,8 @@ async def _recommendations(ctx: ServiceContext) -> tuple[RecommendationsDeps, li
                       owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     ctx.spawn(learner.run(ctx.stop), "follow-orders")
     ctx.on_shutdown.append(learner.release)  # the next instance (or this one restarted) takes over at once
-    return RecommendationsDeps(learner=learner, recommender=Recommender(catalog, repo)), recommendations.routes()
+    recommend = Recommend(Recommender(catalog, repo), lambda: learner.state.last_seq)
+    return RecommendationsDeps(learner=learner, recommend=recommend), recommendations.routes()
 
 
 async def _gateway(ctx: ServiceContext) -> tuple[GatewayDeps, list]:

@@ -7,7 +7,7 @@ from bookshop.deps import CatalogDeps
 from bookshop.handlers.base import BaseHandler
 from bookshop.services import catalog, errors
 from bookshop.services.isbn import normalize_isbn
-from bookshop.storage.catalog import book_view
+from bookshop.services.views import book_view
 from bookshop.validation import StrictModel
 
 log = logging.getLogger(__name__)
@@ -102,27 +102,7 @@ class BookHandler(CatalogBase):
                                           details={"field": field})
         if not changes:
             raise errors.InvalidInput("body: nothing to change", code="invalid_field", details={"field": "body"})
-        changes = catalog.check_book_fields(changes, self.ctx.settings.currency)
-        repo = self.deps.books
-        doc = None
-        for _ in range(5):
-            expect = None
-            if "title" in changes or "authors" in changes:
-                # the search words come from title and authors: written only if neither changed since read
-                # (a concurrent edit of the other one would otherwise leave words that match neither)
-                current = await repo.get(isbn)
-                if current is None:
-                    raise errors.NotFound("no such book", code="book_not_found")
-                expect = {"title": current["title"], "authors": current["authors"]}
-                changes.update(catalog.search_words({"title": changes.get("title", current["title"]),
-                                                     "authors": changes.get("authors", current["authors"])}))
-            doc = await repo.update(isbn, changes, expect)
-            if doc is not None or expect is None:
-                break
-        if doc is None and expect is not None:
-            raise errors.Conflict("the book is being edited by someone else; try again", code="edit_conflict")
-        if doc is None:
-            raise errors.NotFound("no such book", code="book_not_found")
+        doc = await self.deps.edit_book(isbn, catalog.check_book_fields(changes, self.ctx.settings.currency))
         self.ctx.relay.kick()
         self.write_json(book_view(doc))
 

@@ -5,10 +5,11 @@ import asyncio
 import json
 import logging
 import os
+import uuid
 
 import tornado.websocket
 
-from bookshop.handlers.base import BaseHandler
+from bookshop.handlers.base import REQUEST_ID, BaseHandler
 from bookshop.services import errors
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,13 @@ class MetricsHandler(BaseHandler):
     def get(self):
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.ctx.metrics.render())
+
+
+def given_request_id(headers) -> str:
+    """The caller's ``X-Request-ID`` if it is one we may echo, else a new one: for the handlers that are not
+    ``BaseHandler``s (the WebSocket, static files), whose requests have no span to take an id from."""
+    given = headers.get("X-Request-ID", "")
+    return given if REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 def int_arg(handler: BaseHandler, name: str, default: int, lo: int, hi: int) -> int:

@@ -6,19 +6,18 @@ import asyncio
 import json
 import logging
 import os
-import uuid
 
 import tornado.web
 
 from bookshop.deps import GatewayDeps
-from bookshop.handlers.base import REQUEST_ID, BaseHandler
-from bookshop.handlers.common import int_arg
+from bookshop.handlers.base import BaseHandler
+from bookshop.handlers.common import given_request_id, int_arg
+from bookshop.handlers.live import LiveSocket
 from bookshop.net import client_address
 from bookshop.services import errors
 from bookshop.services.isbn import normalize_isbn
 from bookshop.ws.channels import CHANNELS, ChannelError, authorize, valid_epoch
 from bookshop.ws.hub import resumable
-from bookshop.ws.socket import LiveSocket
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +184,7 @@ class StaticHandler(tornado.web.StaticFileHandler):
         super().initialize(path=STATIC)
 
     def set_default_headers(self) -> None:
-        given = self.request.headers.get("X-Request-ID", "")
-        self.set_header("X-Request-ID", given if REQUEST_ID.match(given) else uuid.uuid4().hex)
+        self.set_header("X-Request-ID", given_request_id(self.request.headers))
         self.set_header("X-Content-Type-Options", "nosniff")
 
 

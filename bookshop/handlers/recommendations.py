@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from bookshop.deps import RecommendationsDeps
 from bookshop.handlers.base import BaseHandler
-from bookshop.services import errors
 from bookshop.services.isbn import normalize_isbn
 
 
@@ -21,17 +20,9 @@ class RecommendationsHandler(RecommendationsBase):
     public = {"GET"}
 
     async def get(self):
-        recommender = self.deps.recommender
         raw = self.get_query_argument("isbn", None)
         customer = self.principal.sub if self.principal is not None and self.principal.role == "customer" else None
-        seq = self.deps.learner.state.last_seq
-        if raw is not None:
-            items = await recommender.for_book(normalize_isbn(raw), customer)
-        elif customer is not None:
-            items = await recommender.for_customer(customer)
-        else:
-            raise errors.InvalidInput("isbn: required unless signed in as a customer", code="invalid_field",
-                                      details={"field": "isbn"})
+        items, seq = await self.deps.recommend(normalize_isbn(raw) if raw is not None else None, customer)
         self.set_header("X-Orders-Seq", str(seq))
         self.write_json({"items": items})
 

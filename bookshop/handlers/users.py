@@ -1,7 +1,6 @@
 """Users service routes: accounts, tokens, the JWKS, service credentials."""
 from __future__ import annotations
 
-import datetime
 import hmac
 import logging
 import math
@@ -11,7 +10,6 @@ from bookshop.deps import UsersDeps
 from bookshop.handlers.base import BaseHandler
 from bookshop.services import accounts, errors
 from bookshop.services.accounts import SERVICE_TOKEN_TTL
-from bookshop.storage.outbox import utcnow
 from bookshop.validation import StrictModel
 
 log = logging.getLogger(__name__)
@@ -46,13 +44,8 @@ def user_view(user: dict) -> dict:
     return {"id": user["_id"], "email": user["email"], "name": user["name"], "role": user["role"]}
 
 
-def invalid_refresh() -> errors.Unauthenticated:
-    return errors.Unauthenticated("refresh token unknown, used or expired", code="invalid_refresh_token")
-
-
 class AccountHandler(UsersBase):
-    """Base of the account routes: the client address they count attempts by, and the one lockout check
-    of a password (a login, a password change)."""
+    """Base of the account routes: the client address they count attempts by (``deps.lockout``)."""
 
     #: the call came through the gateway, which proves itself with a service token in
     #: ``X-Service-Authorization`` (the caller's own token, if any, stays in ``Authorization``)
@@ -77,29 +70,6 @@ class AccountHandler(UsersBase):
     @property
     def hashes(self) -> accounts.HashPool:
         return self.deps.hashes
-
-    async def check_password(self, email: str, stored_hash: str | None, password: str) -> None:
-        """``password`` against ``stored_hash`` (None: no such account, which costs the same), counted per
-        email and per client address: ``RateLimited`` while locked, ``Unauthenticated`` if wrong. Call it
-        inside ``self.hashes.admit(...)``."""
-        settings = self.ctx.settings
-        attempts = self.deps.login_attempts
-        email_key, ip_key = f"email:{email}", f"ip:{self.client_address()}"
-        lock = datetime.timedelta(seconds=settings.login_lock_seconds)
-        window = datetime.timedelta(minutes=15)
-        wait = await attempts.locked_for(ip_key)
-        if wait <= 0:
-            # counted before the (slow) password check: a burst of parallel guesses gets no more than the limit
-            wait = await attempts.begin(email_key, settings.login_max_failures, lock, window)
-        if wait > 0:
-            raise errors.RateLimited("too many failed logins; try again later", code="too_many_attempts",
-                                     retry_after=math.ceil(wait))
-        if not await self.hashes.run(accounts.verify_password, stored_hash, password):
-            await attempts.fail(email_key, settings.login_max_failures, lock, window, counted=True)
-            await attempts.fail(ip_key, settings.login_max_failures * 10, lock, window)
-            self.ctx.metrics.count("logins_failed")
-            raise errors.Unauthenticated("wrong email or password", code="invalid_credentials")
-        await attempts.succeed(email_key)
 
 
 class UsersHandler(AccountHandler):
@@ -149,7 +119,8 @@ class PasswordHandler(AccountHandler):
         if user is None:
             raise errors.NotFound("user not found")
         with self.hashes.admit("login"):
-            await self.check_password(user["email"], user["password_hash"], body.current_password)
+            await self.deps.lockout.check(user["email"], self.client_address(), user["password_hash"],
+                                          body.current_password)
             new_hash = await self.hashes.run(accounts.hash_password, body.new_password)
         await users.change_password(user["_id"], new_hash)  # refresh tokens issued before are refused from now
         await self.deps.refresh_tokens.revoke_user(user["_id"])
@@ -166,16 +137,7 @@ class TokensHandler(AccountHandler):
 
     async def post(self):
         body = self.json_body(Credentials)
-        email = body.email.strip().lower()[:254]
-        users = self.deps.users
-        with self.hashes.admit("login"):
-            user = await users.by_email(email)
-            await self.check_password(email, user["password_hash"] if user else None, body.password)
-            if accounts.needs_rehash(user["password_hash"]):
-                rehashed = await self.hashes.run(accounts.hash_password, body.password)
-                await users.set_hash(user["_id"], rehashed)  # the same password: its logins stay
-        self.ctx.metrics.count("logins")
-        self.write_json(await self.deps.issuer.pair(user))
+        self.write_json(await self.deps.login(body.email, body.password, self.client_address()))
 
 
 class RefreshHandler(UsersBase):
@@ -186,25 +148,7 @@ class RefreshHandler(UsersBase):
 
     async def post(self):
         body = self.json_body(RefreshRequest)
-        tokens = self.deps.refresh_tokens
-        now = utcnow()
-        state, doc = await tokens.use(accounts.hash_refresh_token(body.refresh_token), now)
-        if state == "used":
-            if accounts.refresh_reuse_is_theft(doc["used_at"], now):
-                # a used token came back long after: someone holds a copy. End the whole login.
-                await tokens.revoke_family(doc["family"])
-                log.warning("refresh token reuse for user %s; family revoked", doc["user_id"])
-            raise invalid_refresh()
-        if state != "ok":
-            raise invalid_refresh()
-        user = await self.deps.users.by_id(doc["user_id"])
-        if user is None or user.get("token_version", 0) != doc.get("user_version", 0):
-            raise invalid_refresh()  # the account's role or password changed since this login
-        pair = await self.deps.issuer.pair(user, doc["family"])
-        if await tokens.family_revoked(doc["family"]):  # signed out (or found stolen) while we were at it
-            await tokens.revoke_family(doc["family"])
-            raise invalid_refresh()
-        self.write_json(pair)
+        self.write_json(await self.deps.refresh(body.refresh_token))
 
 
 class RevokeHandler(UsersBase):

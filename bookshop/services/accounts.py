@@ -20,8 +20,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bookshop.auth import ALGORITHM, AUDIENCE, ISSUER
 from bookshop.services.errors import InvalidInput, Unavailable
+from bookshop.services.tokens import ALGORITHM, AUDIENCE, ISSUER
 
 # OWASP's minimum for Argon2id: m=19 MiB, t=2, p=1 (we run at exactly that; raise it here and every
 # account is rehashed on its next login).

@@ -390,6 +390,25 @@ Follow = Callable[[int | None, str | None, Callable[[dict], Awaitable[None]]], A
 _END = {"type": "end"}
 
 
+class Recommend:
+    """The use case of ``GET /recommendations``: for a reader of ``isbn`` (less what ``customer`` holds), or
+    without a book for a signed-in ``customer`` from what they bought. Answers the items and the orders
+    ``seq`` the counts had reached (read first: the counts can only be newer)."""
+
+    def __init__(self, recommender: Recommender, position: Callable[[], int]):
+        self.recommender = recommender
+        self.position = position
+
+    async def __call__(self, isbn: str | None, customer: str | None) -> tuple[list[dict], int]:
+        seq = self.position()
+        if isbn is not None:
+            return await self.recommender.for_book(isbn, customer), seq
+        if customer is not None:
+            return await self.recommender.for_customer(customer), seq
+        raise errors.InvalidInput("isbn: required unless signed in as a customer", code="invalid_field",
+                                  details={"field": "isbn"})
+
+
 class Learner:
     """Keeps the counts in step with the orders stream: one event after another in ``seq`` order, each batch
     committed with the last ``seq`` it applied (so a restart resumes where the last commit left off and

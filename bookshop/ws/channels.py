@@ -58,8 +58,12 @@ def authorize(channel: str, principal: Principal | None) -> Filter:
     return Filter(user_id=principal.sub)
 
 
+#: the channels that need a signed-in reader (and end when their token does)
+PRIVATE = frozenset({"orders", "orders:mine"})
+
+
 def private(channel: str) -> bool:
-    return channel in ("orders", "orders:mine")
+    return channel in PRIVATE
 
 
 def parse_message(raw: str | bytes) -> dict:

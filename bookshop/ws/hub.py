@@ -30,7 +30,7 @@ import struct
 from typing import Any, Awaitable, Callable, Protocol
 
 from bookshop.services.errors import DomainError
-from bookshop.ws.channels import CHANNELS, Filter
+from bookshop.ws.channels import CHANNELS, Filter, private
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +473,7 @@ class Hub:
                 client.send(frame)
 
     def end_private(self, client: Client) -> None:
-        for channel in [c for c in client.subs if c in ("orders", "orders:mine")]:
+        for channel in [c for c in client.subs if private(c)]:
             self.unsubscribe(client, channel)
 
 

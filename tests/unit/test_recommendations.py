@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 
 import pytest
+from fakes import FakeCoPurchases as FakeStore  # its contract with the real store: test_repository_contracts.py
 
 from bookshop.services import errors
 from bookshop.services import recommendations as rec
@@ -207,69 +208,6 @@ def test_when_the_stream_cannot_continue_what_was_applied_the_counts_are_rebuilt
 
 
 # -- the learner, against fakes ----------------------------------------------------------------------------------
-class FakeStore:
-    """The store's contract in memory: a commit applies entirely, or not at all when the state moved."""
-
-    def __init__(self):
-        self.stream = StreamState()
-        self.holdings: dict = {}
-        self.partners: dict = {}
-        self.lease: tuple[str, float] | None = None
-        self.commits = 0
-        self.fail_next_commit = False
-
-    async def take_lease(self, owner, seconds):
-        if self.lease is None or self.lease[0] == owner:
-            self.lease = (owner, seconds)
-            return True
-        return False
-
-    async def release_lease(self, owner):
-        if self.lease and self.lease[0] == owner:
-            self.lease = None
-
-    async def state(self):
-        return dataclasses.replace(self.stream)
-
-    async def holdings_of(self, user_ids):
-        return {u: copy.deepcopy(self.holdings[u]) for u in user_ids if u in self.holdings}
-
-    async def partners_of(self, isbns):
-        return {i: copy.deepcopy(self.partners[i]) for i in isbns if i in self.partners}
-
-    async def held_books(self, user_id):
-        return rec.held_books(self.holdings.get(user_id, {}))
-
-    async def commit(self, before, after, model):
-        if self.fail_next_commit:
-            self.fail_next_commit = False
-            raise errors.Unavailable("database down")
-        if not self.stream.built or self.stream.last_seq != before.last_seq:
-            return False
-        for c in model.dirty_customers:
-            if model.holdings.get(c):
-                self.holdings[c] = copy.deepcopy(model.holdings[c])
-            else:
-                self.holdings.pop(c, None)
-        for b in model.dirty_books:
-            if model.partners.get(b):
-                self.partners[b] = copy.deepcopy(model.partners[b])
-            else:
-                self.partners.pop(b, None)
-        self.stream = dataclasses.replace(self.stream, last_seq=after.last_seq, last_event=after.last_event)
-        self.commits += 1
-        return True
-
-    async def replace_all(self, owner, model, state, keep_lease):
-        self.holdings = copy.deepcopy(model.holdings)
-        self.partners = copy.deepcopy(model.partners)
-        self.stream = dataclasses.replace(state)
-        return True
-
-    def counts(self, isbn):
-        return {k: c - e for k, (c, e) in self.partners.get(isbn, {}).items()}
-
-
 class FakeOrders:
     """The orders service: its live orders (for the purchases pages) and its event stream."""
 

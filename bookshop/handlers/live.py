@@ -9,14 +9,13 @@ import json
 import logging
 import socket
 import time
-import uuid
 
 import tornado.iostream
 import tornado.websocket
 
 from bookshop.auth import bearer
 from bookshop.deps import GatewayDeps
-from bookshop.handlers.base import REQUEST_ID
+from bookshop.handlers.common import given_request_id
 from bookshop.net import client_address
 from bookshop.services import errors
 from bookshop.ws.channels import ChannelError, MessageBudget, authorize, check_known, parse_message, private
@@ -46,8 +45,7 @@ class LiveSocket(tornado.websocket.WebSocketHandler):
         self.budget = MessageBudget()
 
     def set_default_headers(self) -> None:
-        given = self.request.headers.get("X-Request-ID", "")
-        self.set_header("X-Request-ID", given if REQUEST_ID.match(given) else uuid.uuid4().hex)
+        self.set_header("X-Request-ID", given_request_id(self.request.headers))
 
     def check_origin(self, origin: str) -> bool:
         return origin.rstrip("/") in self.ctx.settings.gateway_origins
