@@ -14,7 +14,6 @@ LIBRARIES_OF_THE_EDGE = ("tornado", "motor", "pymongo", "aiohttp", "bson")
 #: handlers that still import storage, and why (each one is a task, not a licence)
 STORAGE_IN_HANDLERS = {
     "bookshop.handlers.base": "is_unavailable (the lead is tuning this file's hot path)",
-    "bookshop.handlers.orders": "new_order_id/order_view (perf's checkout redesign moves them behind services)",
 }
 
 
