@@ -30,6 +30,16 @@ def _coverage() -> None:
         coverage.process_startup()
 
 
+def _freeze_heap() -> None:
+    """Once a service is built and listening: what it has made so far (modules, classes, routes, caches'
+    shells: most of its heap) lives as long as the process, so move it out of the garbage collector's
+    sight. A full collection then walks only what came later: about 4 µs of CPU a request less for the
+    book page, 11 µs with span export on (``bench/http.py``'s gateways, GC time measured in-process)."""
+    import gc
+    gc.collect()
+    gc.freeze()
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="run.py", description="Run the Bookshop services.")
     parser.add_argument("command", nargs="?", choices=["rotate-keys", "new-epoch"],
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         from bookshop.procs import service_title, set_title
         set_title(service_title(args.service, port))  # what ps shows: bookshop orders :8004
         try:
-            asyncio.run(serve(args.service, settings, port))
+            asyncio.run(serve(args.service, settings, port, ready=_freeze_heap))
         except OSError as exc:
             logging.getLogger("bookshop").error("cannot serve %s on port %d: %s", args.service, port, exc)
             return 1
