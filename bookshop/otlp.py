@@ -39,14 +39,20 @@ _pack_double = struct.Struct("<d").pack
 
 # -- the wire format ------------------------------------------------------------------------------------------
 def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
+    return _VARINTS[value] if value < _SMALL else _slow_varint(value)
+
+
+def _slow_varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_SMALL = 4096  # the lengths of most fields and whole spans: looked up, not computed
+_VARINTS = tuple(_slow_varint(v) for v in range(_SMALL))
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -116,9 +122,13 @@ class _Pairs:
         return b"".join(parts)
 
 
+_LOCAL_PARENT = _pack_fixed32(_FLAGS_HAS_IS_REMOTE)
+_REMOTE_PARENT = _pack_fixed32(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
+_UNSET_STATUS = b"\x7a\x00"  # field 15, an empty Status: code unset, no message
+
+
 def _flags(parent) -> bytes:
-    flags = _FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if parent is not None and parent.is_remote else 0)
-    return _pack_fixed32(flags)
+    return _REMOTE_PARENT if parent is not None and parent.is_remote else _LOCAL_PARENT
 
 
 def _trace_state(context) -> bytes:
@@ -131,6 +141,7 @@ class Encoder:
 
     def __init__(self):
         self._pairs = _Pairs()
+        self._names: dict[tuple[str, str], bytes] = {}  # a span's name and kind fields, by (name, kind)
         # encoded resources and scopes by id of the (immutable) object, kept alive with it so that the id
         # cannot be reused by another
         self._heads: dict[int, tuple[Any, bytes]] = {}
@@ -159,8 +170,13 @@ class Encoder:
                _trace_state(ctx)]
         if parent is not None:
             out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-        out += (_text(5, span.name), b"\x30", _varint(_SPAN_KIND[span.kind.name]),
-                b"\x39", _pack_fixed64(span.start_time or 0), b"\x41", _pack_fixed64(span.end_time or 0),
+        key = (span.name, span.kind.name)
+        named = self._names.get(key)
+        if named is None:
+            named = _text(5, key[0]) + b"\x30" + _varint(_SPAN_KIND[key[1]])
+            if len(self._names) < _Pairs.LIMIT:
+                self._names[key] = named
+        out += (named, b"\x39", _pack_fixed64(span.start_time or 0), b"\x41", _pack_fixed64(span.end_time or 0),
                 attrs(9, span.attributes))
         if span.dropped_attributes:
             out += (b"\x50", _varint(span.dropped_attributes))
@@ -183,7 +199,10 @@ class Encoder:
         status = span.status
         if status is not None:
             code = status.status_code.value
-            out.append(_field(15, _text(2, status.description or "") + (b"\x18" + _varint(code) if code else b"")))
+            if code or status.description:
+                out.append(_field(15, _text(2, status.description or "") + (b"\x18" + _varint(code) if code else b"")))
+            else:
+                out.append(_UNSET_STATUS)
         out += (b"\x85\x01", _flags(parent))
         return b"".join(out)
 
