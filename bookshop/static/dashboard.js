@@ -879,6 +879,7 @@
   }
 
   const REASONS = {
+    cancelled_by_request: "on request",
     payment_declined: "payment declined",
     out_of_stock: "out of stock",
     reservation_expired: "reservation expired",
