@@ -165,8 +165,10 @@ async def _orders(ctx: ServiceContext) -> tuple[OrdersDeps, list]:
                 log.info("seeded a demo purchase history (%d confirmed orders)", seeded)
         ctx.spawn(seed_demo_history(), "demo orders")
     catalog = _client(ctx, clients.CatalogClient, "catalog")
-    inventory = _client(ctx, clients.InventoryClient, "inventory")
-    payments = _client(ctx, clients.PaymentsClient, "payments", failure_threshold=3, recovery_timeout=3.0)
+    # a breaker opened by a crash lets a trial call through each second: the sagas and recoveries waiting on
+    # a restarted service go on within a second of its return, not a recovery timeout later
+    inventory = _client(ctx, clients.InventoryClient, "inventory", recovery_timeout=1.0)
+    payments = _client(ctx, clients.PaymentsClient, "payments", failure_threshold=3, recovery_timeout=1.0)
     checkout = Checkout(repo, catalog, inventory, payments, ctx.settings.currency, ctx.settings.saga_lease,
                         metrics=ctx.metrics, now=utcnow, concurrency=ctx.settings.checkout_concurrency,
                         recovery_trace=lambda order: tracing.linked_trace(

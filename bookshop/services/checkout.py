@@ -352,9 +352,11 @@ class Checkout:
         except errors.Conflict:
             committed = False
         except errors.Unavailable:
-            # charged, but inventory cannot commit now: stay PENDING (answered 202); recovery finishes it
-            # once the lease runs out. Never a 5xx here: a client retry would charge a second order.
+            # charged, but inventory cannot commit now: stay PENDING (answered 202); recovery finishes it.
+            # Never a 5xx here: a client retry would charge a second order.
+            # The lease goes back at once: recovery tries again at its busy pace (each second), not a lease later.
             log.warning("order %s: commit postponed (inventory unavailable)", order_id)
+            await self._postpone(order_id)
             return await self.repo.get(order_id) or order
         if not committed:
             # the reservation expired (or never existed) before we could commit: refund and cancel
@@ -390,8 +392,10 @@ class Checkout:
         return await self.compensate(doc)
 
     async def compensate(self, doc: dict) -> dict:
-        """Do the work an order still owes (``todo``); what fails stays for recovery."""
+        """Do the work an order still owes (``todo``); what an unreachable upstream refuses stays for recovery,
+        which comes again within a second or so (the lease is given back)."""
         order_id = doc["_id"]
+        postponed = False
         for item in list(doc.get("todo", [])):
             try:
                 if item == "payment":
@@ -413,6 +417,9 @@ class Checkout:
                 log.warning("order %s: compensation %s refused: %s", order_id, item, exc.code)
             except errors.Unavailable:
                 log.warning("order %s: compensation %s postponed (upstream unavailable)", order_id, item)
+                postponed = True
+        if postponed:  # recovery comes again at its busy pace, not once the lease has run out
+            await self._postpone(order_id)
         return doc
 
     async def _give_stock_back(self, order_id: str) -> None:

@@ -269,7 +269,7 @@ class OrderRepo:
             {"_id": {"$in": order_ids}, "open": True, "owner": owner},
             {"$set": {"saga_lease": utcnow() + datetime.timedelta(seconds=seconds)}})
 
-    async def unfinished(self, limit: int = 100) -> list[dict]:
+    async def unfinished(self, limit: int = 1000) -> list[dict]:
         """Open orders (saga or compensation left to do) whose owner's lease ran out."""
         cursor = self.orders.find({"open": True, "saga_lease": {"$lt": utcnow()}},
                                   {"_id": 1, "owner": 1}).limit(limit)
