@@ -563,8 +563,14 @@
       connect();
     }
   });
+  // The browser says the network is gone: a socket that looks open would only find out at its next ping,
+  // so close it now; handleClose shows "offline" and the "online" event comes back at once.
   window.addEventListener("offline", () => {
-    if (!dashboard.socket || dashboard.socket.readyState !== WebSocket.OPEN) {
+    const ws = dashboard.socket;
+    if (ws && ws.readyState <= WebSocket.OPEN) {
+      try { ws.close(1000, "offline"); } catch (_) { /* ignore */ }
+      handleClose({ code: 1000 });
+    } else {
       setState("offline", "offline");
       setDetail("waiting for the network");
     }

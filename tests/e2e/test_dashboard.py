@@ -383,3 +383,25 @@ def test_the_gateway_back_before_the_inventory_service_says_so_then_goes_live(br
         assert [e for e in watched.errors if e.startswith("pageerror")] == []
     finally:
         context.close()
+
+
+@in_chromium
+def test_offline_says_so_and_coming_back_catches_up(browser, live_shop):
+    staff = Client(live_shop)
+    isbn = staff.new_book(stock=3)
+    context = browser.new_context()
+    try:
+        watched = Watched(context, live_shop).open()
+        page = watched.page
+        expect(watched.row(isbn).locator('td[data-col="available"]')).to_have_text("3", timeout=WAIT_MS)
+        context.set_offline(True)
+        expect(page.locator("#conn-state")).to_have_text("offline", timeout=WAIT_MS)
+        expect(page.locator("#conn-detail")).to_have_text("waiting for the network")
+        staff.restock(isbn, 2)  # happens while the browser is away
+        context.set_offline(False)
+        expect(page.locator("#conn-state")).to_have_text("live", timeout=WAIT_MS)
+        expect(page.locator("#conn-detail")).to_contain_text("1 event caught up, none missed", timeout=WAIT_MS)
+        expect(watched.row(isbn).locator('td[data-col="available"]')).to_have_text("5")
+        assert [e for e in watched.errors if e.startswith("pageerror")] == []
+    finally:
+        context.close()
