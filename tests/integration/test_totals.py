@@ -33,6 +33,11 @@ async def test_todays_totals_are_for_staff_only(shop):
         assert anonymous.status == 401 and anonymous.body["error"]["code"] == "unauthenticated"
         customer = await (await api.customer()).get("/orders/summary")
         assert customer.status == 403 and customer.body["error"]["code"] == "forbidden"
+        # the orders service itself asks the same (the gateway only forwards)
+        direct = api.as_(None)
+        assert (await direct.get(shop.url("orders") + "/api/v1/orders/summary")).status == 401
+        customer_token = (await api.login(*await api.register()))["access_token"]
+        assert (await direct.get(shop.url("orders") + "/api/v1/orders/summary", token=customer_token)).status == 403
         body = await summary(await api.staff())
         assert body["timezone"] == "UTC" and body["currency"] == "EUR"
         assert body["date"] == datetime.datetime.now(datetime.timezone.utc).date().isoformat()
