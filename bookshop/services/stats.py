@@ -18,6 +18,9 @@ MINUTE = datetime.timedelta(minutes=1)
 CHART_MINUTES = 60
 KEPT = (OrderStatus.CONFIRMED.value, OrderStatus.SHIPPED.value)  # a sale the shop keeps the money of
 OPEN = (OrderStatus.PENDING.value, OrderStatus.CONFIRMED.value)  # still to ship (or to decide)
+# how long before the day (or the chart) an order may have been placed and still be confirmed within it: a
+# checkout is decided in seconds, a checkout interrupted by a crash within a saga lease or two
+DECIDED_WITHIN = datetime.timedelta(hours=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +120,10 @@ def chart_start(now: datetime.datetime) -> datetime.datetime:
 
 
 class OrdersSince(Protocol):
-    def touched_since(self, since: datetime.datetime) -> AsyncIterable[dict]:
-        """Every order created or changed at or after ``since``."""
+    def touched_since(self, placed_since: datetime.datetime, finished_since: datetime.datetime
+                      ) -> AsyncIterable[dict]:
+        """The orders placed since ``placed_since`` and those shipped or cancelled since ``finished_since``,
+        each once."""
 
 
 class TodaysTotals:
@@ -134,7 +139,10 @@ class TodaysTotals:
     async def today(self) -> dict:
         now = self.now()
         totals = Totals(shop_day(now, self.zone), self.currency, chart_start(now))
-        # an order counted today was created or changed today; the chart may reach back into yesterday
-        async for order in self.orders.touched_since(min(totals.day.start, totals.chart_start)):
+        # What counts today was placed today (or within DECIDED_WITHIN before, for the confirmations), or was
+        # shipped or cancelled today however old; the chart may reach back into yesterday. An order confirmed
+        # longer than that after it was placed (recovered after a long outage) is not counted as confirmed.
+        placed_since = min(totals.day.start, totals.chart_start) - DECIDED_WITHIN
+        async for order in self.orders.touched_since(placed_since, totals.day.start):
             totals.add(order)
         return totals.as_dict(now)

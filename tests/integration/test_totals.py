@@ -95,6 +95,9 @@ async def test_the_day_starts_at_midnight_in_bookshop_timezone(make_shop):
                ("CANCELLED", midnight + minute)),
         # created a minute after midnight: today's
         stored(midnight + minute, "CONFIRMED", 4000, ("CONFIRMED", midnight + 2 * minute)),
+        # placed and confirmed hours ago, shipped three minutes after midnight: today's shipment only
+        stored(midnight - 180 * minute, "SHIPPED", 8000, ("CONFIRMED", midnight - 179 * minute),
+               ("SHIPPED", midnight + 3 * minute)),
     ]
     mongo = AsyncIOMotorClient(shop.mongodb_uri, tz_aware=True)
     try:
@@ -109,4 +112,4 @@ async def test_the_day_starts_at_midnight_in_bookshop_timezone(make_shop):
     assert body["timezone"] == "Pacific/Kiritimati"
     assert body["from"] == midnight.astimezone(utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     assert {k: body[k] for k in TILES} == {"orders_confirmed": 1, "revenue_cents": 4000, "cancellations": 1,
-                                           "orders_shipped": 0, "open_orders": 1}
+                                           "orders_shipped": 1, "open_orders": 1}
