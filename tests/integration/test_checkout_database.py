@@ -69,3 +69,82 @@ def test_only_operators_still_scan(storage, scanned):
     storage.update_matching("shop", "orders", {"$or": [{"n": 1}, {"n": 2}]}, {"$set": {"status": "X"}}, multi=True)
     assert len(scanned) == 300
     assert sorted(d["_id"] for d in storage.find_matching("shop", "orders", {"status": "X"})) == ["o0001", "o0002"]
+
+
+# -- an order's transition as the saga makes it: a plain update when the order is as the saga holds it ----------
+def same(doc: dict, stored: dict) -> bool:
+    """The order as the API shows it and its saga fields (the held order's own times have microseconds)."""
+    from bookshop.services.orders import order_view
+    fields = ("todo", "open", "idem", "outcome", "payment")
+    return order_view(doc) == order_view(stored) and all(doc.get(f) == stored.get(f) for f in fields)
+
+
+async def _repo(uri: str):
+    import uuid
+
+    from bookshop.storage.mongo import Database
+    from bookshop.storage.orders import OrderRepo
+    database = Database(uri, f"t_{uuid.uuid4().hex[:10]}")
+    repo = OrderRepo(database, wake=lambda: None, created_hold=0)
+    await repo.create_indexes()
+    return database, repo
+
+
+def _order(repo, key: str = "k1") -> dict:
+    import datetime
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"_id": repo.new_id(), "user_id": "u1", "status": "PENDING",
+            "items": [{"isbn": "9780306406157", "quantity": 1, "title": "t", "unit_price_cents": 500}],
+            "subtotal_cents": 500, "discount_cents": 0, "total_cents": 500, "currency": "EUR",
+            "promotion_applied": False, "shipping_address": {"name": "A"},
+            "payment": {"status": "none", "last4": "4242"},
+            "history": [{"status": "PENDING", "at": now, "by": "u1"}], "created_at": now, "from_cart": False,
+            "open": True, "todo": [], "owner": "me", "saga_lease": now, "idem": {"key": key, "fp": "f", "answer": None}}
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_transition_of_the_order_as_held_answers_what_the_database_stores(mongodb_uri):
+    from bookshop.services.orders import OrderStatus
+    database, repo = await _repo(mongodb_uri)
+    try:
+        order = _order(repo)
+        assert await repo.insert(order)
+        doc = await repo.transition(order, [OrderStatus.PENDING], OrderStatus.CANCELLED, by="system",
+                                    reason="payment_declined", payment_status="declined", todo=["stock"],
+                                    outcome={"reason": "insufficient_funds"})
+        stored = await repo.get(order["_id"])
+        assert same(doc, stored)
+        assert stored["status"] == "CANCELLED" and stored["todo"] == ["stock"] and stored["open"] is True
+        assert stored["idem"]["answer"] == 2 and stored["payment"]["status"] == "declined"
+        assert [e["event"] for e in (await database["orders"].find_one({"_id": order["_id"]}))["pending"]] == [
+            "order.created", "order.status_changed"]
+    finally:
+        await database.client.drop_database(database.name)
+        database.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_transition_of_an_order_changed_meanwhile_keeps_what_changed(mongodb_uri):
+    from bookshop.services.orders import OrderStatus
+    database, repo = await _repo(mongodb_uri)
+    try:
+        order = _order(repo)
+        assert await repo.insert(order)
+        assert await repo.record_pending_answer(order["_id"])  # the request answered 202 first
+        doc = await repo.transition(order, [OrderStatus.PENDING], OrderStatus.CONFIRMED, by="system",
+                                    payment_status="charged")
+        assert same(doc, await repo.get(order["_id"]))
+        assert doc["status"] == "CONFIRMED" and doc["idem"]["answer"] == 1  # the first answer stays 202
+        # a key freed by a 5xx is not given back by a later transition of the order as it was held
+        other = _order(repo, "k2")
+        assert await repo.insert(other)
+        await repo.release_key(other["_id"])
+        doc = await repo.transition(other, [OrderStatus.PENDING], OrderStatus.CANCELLED, by="system",
+                                    reason="checkout_interrupted", todo=["payment", "stock"])
+        assert "idem" not in doc and same(doc, await repo.get(other["_id"]))
+        assert doc["todo"] == ["payment", "stock"]
+        # and an order no longer in the status asked for is not moved
+        assert await repo.transition(order, [OrderStatus.PENDING], OrderStatus.CANCELLED, by="system") is None
+    finally:
+        await database.client.drop_database(database.name)
+        database.close()
