@@ -11,11 +11,12 @@ import datetime
 import logging
 
 from bookshop import tracing
-from bookshop.context import ServiceContext, make_app
 from bookshop.auth import TokenVerifier
 from bookshop.clients import services as clients
+from bookshop.context import ServiceContext, make_app
 from bookshop.deps import (CatalogDeps, GatewayDeps, InventoryDeps, OrdersDeps, PaymentsDeps, RecommendationsDeps,
                            Upstreams, UsersDeps)
+from bookshop.services.periodic import every
 from bookshop.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -25,20 +26,6 @@ STREAMS = ("catalog", "inventory", "orders")  # the services that keep an event 
 
 def _client(ctx: ServiceContext, cls, service: str, **kw):
     return cls(ctx.http, ctx.settings.url(service), ctx.tokens, timeout=ctx.settings.upstream_timeout, **kw)
-
-
-async def _every(ctx: ServiceContext, seconds: float, work, name: str) -> None:
-    while not ctx.stop.is_set():
-        try:
-            await work()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a periodic job must survive a bad pass (db down, ...)
-            log.warning("%s pass failed: %s", name, exc)
-        try:
-            await asyncio.wait_for(ctx.stop.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
 
 
 async def _users(ctx: ServiceContext) -> tuple[UsersDeps, list]:
@@ -60,7 +47,7 @@ async def _users(ctx: ServiceContext) -> tuple[UsersDeps, list]:
     for repo in (deps.users, deps.refresh_tokens, deps.login_attempts):
         await repo.create_indexes()
     if await keys.active() is None:
-        key = await asyncio.get_running_loop().run_in_executor(None, accounts.new_signing_key)
+        key = await asyncio.to_thread(accounts.new_signing_key)
         await keys.add_first(key)
 
     async def local_jwks():
@@ -129,7 +116,7 @@ async def _inventory(ctx: ServiceContext) -> tuple[InventoryDeps, list]:
         if seeded:
             log.info("seeded demo stock for %d books", seeded)
     # holds expire within a quarter of their time (at most 30 s late): one indexed read per pass
-    ctx.spawn(_every(ctx, min(30.0, max(0.2, ttl / 4)), reservations.sweep, "reservation sweep"), "sweeper")
+    ctx.spawn(every(ctx.stop, min(30.0, max(0.2, ttl / 4)), reservations.sweep, "reservation sweep"), "sweeper")
     return deps, inventory.routes()
 
 
@@ -223,6 +210,7 @@ async def _recommendations(ctx: ServiceContext) -> tuple[RecommendationsDeps, li
 
 async def _gateway(ctx: ServiceContext) -> tuple[GatewayDeps, list]:
     from bookshop.clients.cache import BookPageCache
+    from bookshop.clients.stream import EventStreamClient
     from bookshop.handlers import gateway
     from bookshop.ws.follower import StreamFollower
     from bookshop.ws.hub import Hub, Stream, Waiters
@@ -264,7 +252,7 @@ async def _gateway(ctx: ServiceContext) -> tuple[GatewayDeps, list]:
     sockets: set = set()
     deps = GatewayDeps(upstreams=upstreams, hub=hub, cache=cache, waiters=waiters, sockets=sockets)
     for name in streams:
-        follower = StreamFollower(hub, name, ctx.settings.url(name), ctx.http, ctx.tokens,
+        follower = StreamFollower(hub, name, EventStreamClient(ctx.http, ctx.settings.url(name), ctx.tokens),
                                   on_state=cache.on_stream_state)
         ctx.spawn(follower.run(ctx.stop), f"follow-{name}")
 

@@ -27,13 +27,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import random
 import re
 from collections import Counter
 from operator import itemgetter
 from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 from bookshop.services import errors
+from bookshop.services.periodic import Backoff, repeat
 
 log = logging.getLogger(__name__)
 
@@ -441,32 +441,25 @@ class Learner:
             self.metrics.gauge("orders_seq_applied", self.state.last_seq)
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.2
-        while not stop.is_set():
-            wait = self.lease_seconds / 3  # another instance holds the lease: look again in a while
+        backoff = Backoff(0.2, 5.0)
+
+        async def one_pass() -> float:
             try:
-                if await self.store.take_lease(self.owner, self.lease_seconds):
-                    outcome = await self.follow_once(stop)
-                    if outcome == "rebuilt":
-                        continue  # follow from the rebuild's point at once
-                    if outcome == "followed":
-                        backoff = 0.2
-                    wait = backoff * (0.5 + random.random())
-                    backoff = min(backoff * 2, 5.0)
-                else:  # another instance follows: keep up with where it got, for the answers' X-Orders-Seq
+                if not await self.store.take_lease(self.owner, self.lease_seconds):
+                    # another instance follows: keep up with where it got, for the answers' X-Orders-Seq; look
+                    # again in a while
                     self.state = await self.store.state()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the follower must outlive a bad pass (db or orders down)
-                log.warning("following the orders stream: %s", exc)
-                wait = backoff * (0.5 + random.random())
-                backoff = min(backoff * 2, 5.0)
+                    return self.lease_seconds / 3
+                outcome = await self.follow_once(stop)
+                if outcome == "rebuilt":
+                    return 0  # follow from the rebuild's point at once
+                if outcome == "followed":
+                    backoff.reset()
+                return backoff.wait()
             finally:
                 self.following.clear()
-            try:
-                await asyncio.wait_for(stop.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
+        # the follower must outlive a bad pass (db or orders down)
+        await repeat(stop, one_pass, "following the orders stream", backoff.wait)
 
     async def release(self) -> None:
         """Give the lease up (on shutdown), so the next instance, or this one restarted, follows at once."""

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import types
 
 import aiohttp
+import harness
 import pytest
 
+from bookshop.clients.stream import EventStreamClient
 from bookshop.services.errors import Unavailable
 from bookshop.ws import hub as hub_module
 from bookshop.ws.channels import Filter
@@ -139,13 +142,8 @@ class Shop:
         return conn, client
 
 
-async def until(predicate, timeout: float = 2.0) -> None:
-    """Let the clients' writers run until ``predicate()`` holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0)
+#: let the clients' writers run until ``predicate()`` holds (no pause between looks: nothing here waits on time)
+until = functools.partial(harness.until, timeout=2.0, every=0)
 
 
 @pytest.mark.gen_test
@@ -612,14 +610,14 @@ async def test_the_follower_lets_clients_drain_during_a_burst_and_resumes_from_i
         FakeServiceSocket([{"type": "hello", "seq": burst + 1, "oldest": 1, "epoch": "e1"},
                            {"type": "event", **event(burst + 1)}], after_last=stop.set))
     http = types.SimpleNamespace(session=session)
-    follower = StreamFollower(shop.hub, "inventory", "http://inventory.test", http, FakeTokens())
+    follower = StreamFollower(shop.hub, "inventory", EventStreamClient(http, "http://inventory.test", FakeTokens()))
     await asyncio.wait_for(follower.run(stop), 10)
     await until(lambda: burst + 1 in conn.events())
     assert conn.slow_closes == 0 and not client.closed
     assert conn.events() == list(range(1, burst + 2))
     # from now on first, then from the last seq seen, in the epoch it is in
     assert session.params == [{}, {"after": str(burst), "epoch": "e1"}]
-    assert follower.url == "ws://inventory.test/internal/events/ws"
+    assert follower.client.url == "ws://inventory.test/internal/events/ws"
 
 
 def test_event_frames_carry_exactly_the_contract_fields():
@@ -793,8 +791,9 @@ async def test_the_follower_sees_a_new_epoch_and_follows_the_new_history_from_it
         FakeServiceSocket([{"type": "hello", "seq": 2, "oldest": 1, "epoch": "e2"},
                            {"type": "event", **event(3)}], after_last=stop.set))
     shop.logs["inventory"].recreate("e2", [event(1), event(2)])
-    follower = StreamFollower(shop.hub, "inventory", "http://inventory.test", types.SimpleNamespace(session=session),
-                              FakeTokens())
+    follower = StreamFollower(shop.hub, "inventory",
+                              EventStreamClient(types.SimpleNamespace(session=session), "http://inventory.test",
+                                                FakeTokens()))
     await asyncio.wait_for(follower.run(stop), 10)
     await until(lambda: 3 in conn.events())
     assert session.params == [{}, {"after": "5", "epoch": "e1"}, {"after": "2", "epoch": "e2"}]
@@ -831,8 +830,9 @@ async def test_the_follower_looks_again_when_the_hub_reads_another_epoch_from_th
     third = FakeServiceSocket([{"type": "hello", "seq": 2, "oldest": 1, "epoch": "e2"},
                                {"type": "event", **event(3)}], after_last=stop.set)
     session = FakeSession(first, second, third)
-    follower = StreamFollower(shop.hub, "inventory", "http://inventory.test", types.SimpleNamespace(session=session),
-                              FakeTokens())
+    follower = StreamFollower(shop.hub, "inventory",
+                              EventStreamClient(types.SimpleNamespace(session=session), "http://inventory.test",
+                                                FakeTokens()))
     following = asyncio.ensure_future(follower.run(stop))
     await until(lambda: shop.streams["inventory"].seq == 5)
     shop.logs["inventory"].recreate("e2", [event(1), event(2)])  # the service's new-epoch: not yet told
