@@ -1,6 +1,7 @@
 """A small async API client for tests (aiohttp, created inside each test's loop)."""
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import json
@@ -10,17 +11,36 @@ import aiohttp
 
 from harness import ADMIN_EMAIL, ADMIN_PASSWORD
 
+from bookshop.services.isbn import isbn13_check_digit
+
 CARD = {"card_number": "4242424242424242", "exp_month": 12, "exp_year": 2035, "cvc": "123"}
 ADDRESS = {"name": "Ann Reader", "line1": "1 Book Street", "city": "Lyon", "postal_code": "69001", "country": "FR"}
 _isbn_counter = itertools.count(1)
 
 
-def fresh_isbn() -> str:
-    """A new valid ISBN-13 for each call (unique within a run)."""
-    base = f"979{uuid.uuid4().int % 10**9:09d}"
-    digits = [int(c) for c in base]
-    check = (10 - sum(d * (1 if i % 2 == 0 else 3) for i, d in enumerate(digits)) % 10) % 10
-    return base + str(check)
+def isbn13(first12: str) -> str:
+    """The ISBN-13 of these 12 digits (the one check-digit helper: the product's, tested in test_isbn.py)."""
+    return first12 + isbn13_check_digit(first12)
+
+
+def fresh_isbn(prefix: str = "979") -> str:
+    """A new valid ISBN-13 for each call (unique within a run), its first digits ``prefix``."""
+    return isbn13(prefix + f"{uuid.uuid4().int % 10**12:012d}"[len(prefix):])
+
+
+def fresh_isbn10() -> tuple[str, str]:
+    """A new ISBN-10 written with hyphens, and its ISBN-13 digits."""
+    body = f"{uuid.uuid4().int % 10**9:09d}"
+    check = (11 - sum(int(d) * (10 - i) for i, d in enumerate(body)) % 11) % 11
+    return f"{body[0]}-{body[1:4]}-{body[4:]}-{'X' if check == 10 else check}", isbn13("978" + body)
+
+
+def new_session(**connector) -> aiohttp.ClientSession:
+    """A session with one connection per request: a refusal in ``BaseHandler.prepare()`` (401/404/405) ends
+    a keep-alive connection (see test_a_refused_request_keeps_the_connection_alive), and a restarted service
+    too. ``connector``: more ``TCPConnector`` options."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, **connector),
+                                 timeout=aiohttp.ClientTimeout(total=60))
 
 
 class Reply:
@@ -123,3 +143,26 @@ class Api:
         if not items:
             body.pop("items")
         return await self.post("/orders", body, headers={"Idempotency-Key": key or uuid.uuid4().hex})
+
+
+# -- the gateway's WebSocket, as a client ---------------------------------------------------------------------
+async def connect_ws(session: aiohttp.ClientSession, shop, *, url: str | None = None, headers: dict | None = None):
+    """A socket to the shop's gateway (or ``url``), from an allowed origin."""
+    return await session.ws_connect(url or shop.ws_url, headers={"Origin": shop.origin, **(headers or {})})
+
+
+async def next_frame(ws, timeout: float = 10.0) -> dict:
+    msg = await ws.receive(timeout)
+    assert msg.type == aiohttp.WSMsgType.TEXT, f"expected a text frame, got {msg.type} {msg.data!r}"
+    return json.loads(msg.data)
+
+
+async def read_until(ws, predicate, timeout: float = 15.0) -> list[dict]:
+    """Frames up to and including the first one ``predicate`` accepts; fails after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    frames = []
+    while True:
+        frames.append(await next_frame(ws, max(0.01, deadline - loop.time())))
+        if predicate(frames[-1]):
+            return frames

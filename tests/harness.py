@@ -7,6 +7,8 @@ the test process, however it ends (a parent-death signal, as the supervisor give
 """
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import random
@@ -27,6 +29,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(ROOT, "run.py")
 ADMIN_EMAIL = "staff@bookshop.test"
 ADMIN_PASSWORD = "staff-password-1"
+
+
+def found(value) -> bool:
+    """``until``'s test for checks that answer None for "not yet" (and may answer a falsy value, like [])."""
+    return value is not None
+
+
+async def until(check, timeout: float = 20.0, every: float = 0.05, describe=lambda: "", done=bool):
+    """Poll ``check()`` (a plain or an async function) until ``done(value)`` (by default: a truthy value), and
+    return that value. After ``timeout`` seconds the test fails, saying ``describe()``: a condition not reached
+    is never answered with a falsy "not yet". ``every``: seconds between looks (0: just let the loop run)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if done(value):
+            return value
+        assert loop.time() < deadline, f"not within {timeout:g}s: {describe()}"
+        await asyncio.sleep(every)
+
 
 # Linux sends the parent-death signal when the thread that started the child ends, and tests start services
 # from short-lived threads too (run_in_executor): every service is started from this one thread, which lives

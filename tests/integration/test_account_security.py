@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import aiohttp
 import jwt
 import pytest
 
-from client import Api
+from client import Api, new_session
 from harness import Shop
 
 
@@ -19,12 +18,6 @@ def shop(mongodb_uri, log_dir):
     s = Shop(mongodb_uri, log_dir=log_dir).start("users", "gateway")
     yield s
     s.stop()
-
-
-def new_session(**connector) -> aiohttp.ClientSession:
-    # one connection per request: a refusal in BaseHandler.prepare() and a restarted service both end them
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, **connector),
-                                 timeout=aiohttp.ClientTimeout(total=60))
 
 
 def users_api(shop, session) -> Api:

@@ -9,33 +9,14 @@ import time
 import aiohttp
 import pytest
 
-from client import Api, fresh_isbn
+from client import Api, fresh_isbn, fresh_isbn10
+from harness import found, until
 
 REC_FIELDS = {"isbn", "title", "authors", "category", "price_cents", "currency", "reason"}
 
 
 def tag() -> str:
     return "z" + "".join(random.choice("bcdfghjklmnpqrstvwxz") for _ in range(11))
-
-
-def fresh_isbn10() -> tuple[str, str]:
-    """A new ISBN-10 with hyphens, and its ISBN-13."""
-    body = f"{random.randrange(10**9):09d}"
-    check = (11 - sum(int(d) * (10 - i) for i, d in enumerate(body)) % 11) % 11
-    first12 = "978" + body
-    isbn13 = first12 + str((10 - sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(first12)) % 10) % 10)
-    return f"{body[0]}-{body[1:4]}-{body[4:]}-{'X' if check == 10 else check}", isbn13
-
-
-async def until(check, seconds: float = 2.0, every: float = 0.02):
-    """Poll ``check()`` (async, returns a value or None) until it returns a value; fail after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = await check()
-        if value is not None:
-            return value
-        assert time.monotonic() < deadline, f"not within {seconds}s"
-        await asyncio.sleep(every)
 
 
 async def page(api: Api, isbn: str):
@@ -87,8 +68,7 @@ async def test_the_book_page_has_the_book_its_stock_and_recommendations(shop):
 
 def isbn_after_the_rest() -> str:
     """A fresh ISBN-13 that sorts after every fresh_isbn() one (whose 4th to 12th digits are random)."""
-    first12 = f"97999999{random.randrange(10**4):04d}"
-    return first12 + str((10 - sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(first12)) % 10) % 10)
+    return fresh_isbn("97999999")
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -198,7 +178,7 @@ async def test_changes_made_behind_the_gateways_back_show_within_two_seconds(sho
         async def retitled():
             body = await page(api, isbn)
             return body if body["title"] == "New Title" else None
-        await until(retitled)
+        await until(retitled, done=found)
         title_lag = time.monotonic() - started
 
         assert (await inventory.post(f"/inventory/{isbn}/restock", {"quantity": 2})).status == 200
@@ -206,14 +186,14 @@ async def test_changes_made_behind_the_gateways_back_show_within_two_seconds(sho
         async def restocked():
             body = await page(api, isbn)
             return body if body["stock"] == {"available": 5} else None
-        await until(restocked)
+        await until(restocked, done=found)
 
         assert (await catalog.delete(f"/books/{isbn}")).status == 204
 
         async def gone():
             r = await api.get(f"/books/{isbn}")
             return r if r.status == 404 else None
-        await until(gone)
+        await until(gone, done=found)
         print(f"a title changed at the catalog showed at the gateway after {title_lag * 1000:.0f} ms")
 
 
@@ -234,7 +214,7 @@ async def test_a_deleted_or_moved_book_leaves_the_recommendations(shop):
         async def updated():
             recs = (await page(api, isbn))["recommendations"]
             return recs if recs == [] else None
-        await until(updated)
+        await until(updated, done=found)
 
 
 @pytest.mark.gen_test(timeout=90)
@@ -270,7 +250,7 @@ async def test_the_page_is_served_without_the_services_that_are_down(make_shop):
             r = await api.get(f"/books/{isbn}")
             assert r.status == 200, r
             return r if r.body["stock"] is None else None
-        await until(stockless)
+        await until(stockless, done=found)
         for book in (isbn, neighbour):
             started = time.monotonic()
             r = await api.get(f"/books/{book}")
@@ -285,5 +265,5 @@ async def test_the_page_is_served_without_the_services_that_are_down(make_shop):
         async def unavailable():
             r = await api.get(f"/books/{isbn}")
             return r if r.status == 503 else None
-        r = await until(unavailable)
+        r = await until(unavailable, done=found)
         assert r.headers["Retry-After"] and r.body["error"]["code"] in ("service_unavailable", "upstream_error")

@@ -10,20 +10,10 @@ import pytest
 from bookshop.storage.catalog import BookRepo
 from bookshop.storage.mongo import Database
 from bookshop.storage.outbox import EventLog
-from client import Api, fresh_isbn
+from client import Api, fresh_isbn, fresh_isbn10
 
 FIELDS = {"isbn", "title", "authors", "category", "price_cents", "currency", "description", "published_year",
           "created_at", "updated_at"}
-
-
-def fresh_isbn10() -> tuple[str, str]:
-    """A new ISBN-10 written with hyphens, and its ISBN-13 digits."""
-    body = f"{random.randrange(10**9):09d}"
-    check = (11 - sum(int(d) * (10 - i) for i, d in enumerate(body)) % 11) % 11
-    isbn10 = body + ("X" if check == 10 else str(check))
-    first12 = "978" + body
-    isbn13 = first12 + str((10 - sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(first12)) % 10) % 10)
-    return f"{isbn10[0]}-{isbn10[1:4]}-{isbn10[4:9]}-{isbn10[9]}", isbn13
 
 
 def hyphenated13(isbn13: str) -> str:

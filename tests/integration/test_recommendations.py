@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from client import Api, fresh_isbn
+from harness import found, until
 
 REC_FIELDS = {"isbn", "title", "authors", "category", "price_cents", "currency", "reason"}
 LAG = 15.0  # the contract's 5 s, with room for a loaded test machine (the lag seen is printed)
@@ -16,17 +17,6 @@ LAG = 15.0  # the contract's 5 s, with room for a loaded test machine (the lag s
 
 def tag() -> str:
     return "rec-" + fresh_isbn()[-9:]
-
-
-async def until(check, seconds: float = LAG, every: float = 0.05):
-    """Poll ``check()`` (async, a value or None) until it gives a value; fail after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = await check()
-        if value is not None:
-            return value
-        assert time.monotonic() < deadline, f"not within {seconds}s"
-        await asyncio.sleep(every)
 
 
 async def buy(customer: Api, *isbns: str) -> str:
@@ -39,7 +29,7 @@ async def buy(customer: Api, *isbns: str) -> str:
             got = await customer.get(f"/orders/{order}")
             assert got.body["status"] in ("PENDING", "CONFIRMED"), got
             return got if got.body["status"] == "CONFIRMED" else None
-        await until(confirmed, 30)
+        await until(confirmed, 30, done=found)
     return order
 
 
@@ -62,7 +52,7 @@ async def becomes(api: Api, isbn: str | None, expected: list[tuple[str, str]], s
         got = await recs(api, isbn)
         return got if got == expected else None
     try:
-        await until(check, seconds)
+        await until(check, seconds, done=found)
     except AssertionError:
         assert await recs(api, isbn) == expected
     return time.monotonic() - started
@@ -273,7 +263,7 @@ async def test_a_confirmation_shows_on_a_cached_book_page(shop):
         async def shown():
             page = (await api.get(f"/books/{a}")).body
             return page if listed(page["recommendations"]) == [(b, "bought_together")] else None
-        await until(shown)
+        await until(shown, LAG, done=found)
 
 
 @pytest.mark.gen_test(timeout=180)
@@ -291,7 +281,7 @@ async def test_a_demo_shop_has_a_purchase_history_to_recommend_from(make_shop):
         async def learned():
             got = await recs(api, pattern[0])
             return got if [r for _, r in got[:2]] == ["bought_together"] * 2 else None
-        got = await until(learned, 60)
+        got = await until(learned, 60, done=found)
         assert {i for i, _ in got[:2]} == set(pattern[1:])
         assert len({category[i] for i in pattern}) == 3
 

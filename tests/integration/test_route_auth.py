@@ -1,22 +1,26 @@
 """The route walk: every route of every service needs a token unless the contract makes it public.
 
-The routes come from the code (``bookshop.handlers.<service>.routes()`` and the common ones), so a route added
-tomorrow is walked too. Each method a handler implements outside its ``public`` set must answer 401 without a
-token (and with a malformed one); every public row must answer without one.
+The routes come from the real applications: each service is built by ``wiring.build`` (on a database of its
+own) and its router's rules are read, so a route added tomorrow, wherever it is added, is walked too. Each
+method a handler implements outside its ``public`` set must answer 401 without a token (and with a malformed
+one); every public row must answer without one.
 """
 from __future__ import annotations
 
-import importlib
+import asyncio
 import itertools
 import re
+import uuid
 
-import aiohttp
 import pytest
 import tornado.web
 
-from bookshop import SERVICES
+from client import new_session
+
+from bookshop import SERVICES, wiring
 from bookshop.handlers import common
 from bookshop.handlers.base import BaseHandler
+from bookshop.settings import Settings
 
 ISBN = "9780306406157"
 ORDER_ID = "5f0c6a9e2b3d4e5f6a7b8c9d"
@@ -50,18 +54,26 @@ CONTRACT_PUBLIC = {
 } | {(svc, route, "GET") for svc in SERVICES for route in ("/healthz", "/readyz", "/metrics")}
 
 
-def new_session() -> aiohttp.ClientSession:
-    # a fresh connection per request: errors raised in prepare() close keep-alive connections
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
-
-
-def route_table(service: str) -> list[tuple[str, type, dict]]:
-    specs = [("/healthz", common.HealthHandler), ("/readyz", common.ReadyHandler),
-             ("/metrics", common.MetricsHandler)]
-    if service in EVENT_LOGS:
-        specs += [("/internal/events", common.EventsHandler), ("/internal/events/ws", common.EventStreamSocket)]
-    specs += importlib.import_module(f"bookshop.handlers.{service}").routes()
-    return [(spec[0].replace("\\", ""), spec[1], dict(spec[2]) if len(spec) > 2 else {}) for spec in specs]
+@pytest.fixture(scope="module")
+def routers(mongodb_uri) -> dict[str, list[tuple[str, type, dict]]]:
+    """Per service, its application's rules: (the route as its handler knows it, handler, kwargs)."""
+    async def build_all():
+        settings = Settings(mongodb_uri=mongodb_uri, db_prefix=f"routes_{uuid.uuid4().hex[:8]}", demo_data=False,
+                            service_secret="route-walk-" + "s" * 32)
+        tables = {}
+        for service in SERVICES:
+            ctx, app = await wiring.build(service, settings)
+            try:
+                tables[service] = [(rule.target_kwargs["route"], rule.target, rule.target_kwargs)
+                                   for rule in app.wildcard_router.rules]
+            finally:
+                await ctx.close()
+        return tables
+    loop = asyncio.new_event_loop()  # its own: the tests' loops come and go with each test
+    try:
+        return loop.run_until_complete(build_all())
+    finally:
+        loop.close()
 
 
 def implemented(handler: type, kwargs: dict) -> list[str]:
@@ -105,10 +117,10 @@ def fill(pattern: str) -> list[str]:
     return paths
 
 
-def walk():
+def walk(routers):
     """(service, route, path, method, handler, public?) for every route and implemented method."""
     for service in SERVICES:
-        for route, handler, kwargs in route_table(service):
+        for route, handler, kwargs in routers[service]:
             if not issubclass(handler, BaseHandler) and handler is not common.EventStreamSocket:
                 continue  # the dashboard's assets and the live stream, checked on their own below
             public = public_methods(handler, kwargs)
@@ -117,26 +129,27 @@ def walk():
                     yield service, route, path, method, handler, method in public
 
 
-def test_the_public_routes_in_the_code_are_the_contract_s():
-    found = {(svc, route, method) for svc, route, _, method, _, public in walk() if public}
+def test_the_public_routes_in_the_code_are_the_contract_s(routers):
+    found = {(svc, route, method) for svc, route, _, method, _, public in walk(routers) if public}
     assert found == CONTRACT_PUBLIC
 
 
-def test_the_walk_covers_every_service_and_the_internal_api():
-    walked = {(svc, route) for svc, route, *_ in walk()}
+def test_the_walk_covers_every_service_and_the_internal_api(routers):
+    walked = {(svc, route) for svc, route, *_ in walk(routers)}
     assert {svc for svc, _ in walked} == set(SERVICES)
     assert ("orders", "/api/v1/orders/([0-9a-f]{24})/ship") in walked
     assert ("inventory", "/internal/reservations/([A-Za-z0-9_-]{1,64})/(commit|release|put-back)") in walked
     assert ("payments", "/internal/charges") in walked
     assert ("catalog", "/internal/events") in walked
+    assert ("orders", "/api/v1/orders/summary") in walked  # added by wiring, not by handlers.orders.routes()
     assert len(walked) >= 45
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_every_non_public_route_needs_a_token_and_every_public_one_does_not(shop):
+async def test_every_non_public_route_needs_a_token_and_every_public_one_does_not(shop, routers):
     refused, answered = [], []
     async with new_session() as session:
-        for service, route, path, method, handler, public in walk():
+        for service, route, path, method, handler, public in walk(routers):
             url = shop.url(service) + path
             if public:
                 params = {"channel": "inventory"} if path == "/api/v1/events" else None
@@ -157,13 +170,13 @@ async def test_every_non_public_route_needs_a_token_and_every_public_one_does_no
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_a_method_a_route_does_not_have_is_405_before_authentication(shop):
+async def test_a_method_a_route_does_not_have_is_405_before_authentication(shop, routers):
     """Every route of every service, the gateway's proxy routes included: a method the route does not have
     is 405 method_not_allowed, with or without a token (never a 401 that suggests logging in would help)."""
     wrong = []
     async with new_session() as session:
         for service in SERVICES:
-            for route, handler, kwargs in route_table(service):
+            for route, handler, kwargs in routers[service]:
                 if not issubclass(handler, BaseHandler):
                     continue
                 missing = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")

@@ -13,7 +13,6 @@ import re
 import secrets
 import subprocess
 import sys
-import time
 import uuid
 
 import aiohttp
@@ -21,7 +20,7 @@ import aiohttp.web
 import pytest
 
 from client import ADDRESS, CARD, Api
-from harness import RUN_PY, Shop
+from harness import RUN_PY, Shop, until
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -56,16 +55,6 @@ def log_lines(shop, service: str) -> list[dict]:
                 except ValueError:
                     pass  # a span printed by the console exporter, or a line cut by a test's kill
     return out
-
-
-async def until(check, timeout: float = 20.0, describe=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up after {timeout}s: {describe()}"
-        await asyncio.sleep(0.1)
 
 
 def order_body(isbn: str) -> dict:
@@ -247,7 +236,7 @@ async def test_spans_go_to_the_otlp_endpoint_and_the_console_when_asked(mongodb_
         "OTEL_TRACES_EXPORTER": "otlp,console", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",
         "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test"})
     try:
-        await asyncio.get_running_loop().run_in_executor(None, lambda: shop.start("users"))
+        await asyncio.to_thread(shop.start, "users")
         trace_id = secrets.token_hex(16)
         async with aiohttp.ClientSession() as session:
             async with session.get(shop.url("users") + "/healthz",
@@ -266,7 +255,7 @@ async def test_spans_go_to_the_otlp_endpoint_and_the_console_when_asked(mongodb_
                 return trace_id in fh.read()
         await until(printed)  # the console exporter prints it too
     finally:
-        await asyncio.get_running_loop().run_in_executor(None, shop.stop)
+        await asyncio.to_thread(shop.stop)
         await collector.stop()
 
 
@@ -285,9 +274,8 @@ async def test_a_recovered_checkout_is_a_trace_of_its_own_linked_to_the_first(mo
         "BOOKSHOP_TEST_SPAN_DIR": str(tmp_path), "BOOKSHOP_SAGA_LEASE": "2", "BOOKSHOP_CHECKOUT_WAIT": "20",
         "BOOKSHOP_PAYMENTS_LATENCY_MS": "3000"})
     shop.span_dir = str(tmp_path)
-    loop = asyncio.get_running_loop()
     try:
-        await loop.run_in_executor(None, shop.start)
+        await asyncio.to_thread(shop.start)
         trace_id = secrets.token_hex(16)
         async with aiohttp.ClientSession() as session:
             api = Api(shop, session)
@@ -300,9 +288,9 @@ async def test_a_recovered_checkout_is_a_trace_of_its_own_linked_to_the_first(mo
                 return find([s for s in read_spans(shop) if s["trace_id"] == trace_id], "inventory", "SERVER",
                             "POST /internal/reservations")
             await until(reserved)
-            await loop.run_in_executor(None, shop.kill, "orders")
+            await asyncio.to_thread(shop.kill, "orders")
             await asyncio.gather(checkout, return_exceptions=True)  # its connection is gone
-            await loop.run_in_executor(None, shop.start, "orders")
+            await asyncio.to_thread(shop.start, "orders")
 
             def recoveries():
                 return [s for s in read_spans(shop) if s["name"] == "recover order"
@@ -318,4 +306,4 @@ async def test_a_recovered_checkout_is_a_trace_of_its_own_linked_to_the_first(mo
         (status,) = find(list(trace.values()), "payments", "SERVER", "GET /internal/charges/{id}")
         assert trace[status["parent_id"]]["parent_id"] == recovery["span_id"]
     finally:
-        await loop.run_in_executor(None, shop.stop)
+        await asyncio.to_thread(shop.stop)

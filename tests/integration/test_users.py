@@ -19,17 +19,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from bookshop.services import accounts
-from client import Api, fresh_isbn
-from harness import ADMIN_EMAIL, ADMIN_PASSWORD
+from client import Api, fresh_isbn, new_session
+from harness import ADMIN_EMAIL, ADMIN_PASSWORD, until
 
 
 # -- helpers --------------------------------------------------------------------------------------------
-def new_session() -> aiohttp.ClientSession:
-    # one connection per request: a 401/404/405 raised in BaseHandler.prepare() closes the keep-alive
-    # connection (see test_a_refused_request_keeps_the_connection_alive), and a restarted service too
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
-
-
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -493,12 +487,10 @@ async def test_an_expired_token_is_refused_everywhere_and_refresh_renews_it(make
         assert (await staff.get("/users/me")).status == 200
         urls = [("GET", shop.api + "/users/me"), ("GET", shop.url("users") + "/api/v1/users/me"),
                 ("POST", shop.url("catalog") + "/api/v1/books"), ("POST", shop.api + "/books")]
-        deadline = time.monotonic() + 10
-        while True:
-            r = await staff.get("/users/me")
-            if r.status == 401 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
+
+        async def expired():
+            return (await staff.get("/users/me")).status == 401
+        await until(expired, 10, 0.2)
         for method, url in urls:
             r = await staff.call(method, url, {"isbn": fresh_isbn()})
             assert r.status == 401, (url, r)

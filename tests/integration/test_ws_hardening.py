@@ -13,33 +13,13 @@ import uuid
 import aiohttp
 import pytest
 
-from client import Api
+from client import Api, next_frame, read_until
+from client import connect_ws as connect
 
 XFF = "X-Forwarded-For"
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-
-async def connect(session: aiohttp.ClientSession, shop, headers: dict | None = None):
-    return await session.ws_connect(shop.ws_url, headers={"Origin": shop.origin, **(headers or {})})
-
-
-async def next_frame(ws, timeout: float = 10.0) -> dict:
-    msg = await ws.receive(timeout)
-    assert msg.type == aiohttp.WSMsgType.TEXT, f"expected a text frame, got {msg.type} {msg.data!r}"
-    return json.loads(msg.data)
-
-
-async def read_until(ws, predicate, timeout: float = 15.0) -> list[dict]:
-    """Frames up to and including the first one ``predicate`` accepts."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    frames = []
-    while True:
-        frames.append(await next_frame(ws, max(0.01, deadline - loop.time())))
-        if predicate(frames[-1]):
-            return frames
-
 
 async def auth(ws, token: str) -> list[dict]:
     """The frames an ``auth`` brings, up to its answer (``authenticated`` or an error)."""
@@ -53,11 +33,6 @@ async def subscribe(ws, channel: str) -> list[dict]:
     return await read_until(ws, lambda f: f.get("channel") == channel and f["type"] in ("snapshot", "error"))
 
 
-async def in_thread(fn, *args):
-    """The harness blocks (it starts and waits for processes): keep the test's loop running."""
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
 def gateway_rss(shop) -> int:
     """Resident memory of the gateway process, in bytes."""
     with open(f"/proc/{shop.procs['gateway'].pid}/status") as status:
@@ -69,7 +44,7 @@ def gateway_rss(shop) -> int:
 
 async def refused(session: aiohttp.ClientSession, shop, headers: dict | None = None) -> aiohttp.WSServerHandshakeError:
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-        await connect(session, shop, headers)
+        await connect(session, shop, headers=headers)
     return info.value
 
 
@@ -87,7 +62,7 @@ async def until_admitted(session: aiohttp.ClientSession, shop, headers: dict | N
     deadline = loop.time() + timeout
     while True:
         try:
-            return await connect(session, shop, headers)
+            return await connect(session, shop, headers=headers)
         except aiohttp.WSServerHandshakeError as exc:
             assert exc.status == 429 and loop.time() < deadline, "a closed socket was still counted"
             await asyncio.sleep(0.02)
@@ -164,7 +139,7 @@ async def test_a_socket_sending_past_its_budget_is_closed_with_1008_and_a_burst_
 
 @pytest.mark.gen_test(timeout=90)
 async def test_sockets_beyond_the_limit_per_address_are_refused_at_the_upgrade_with_429(make_shop):
-    shop = await in_thread(make_shop, {"BOOKSHOP_WS_MAX_PER_ADDRESS": "3"}, ["gateway"])
+    shop = await asyncio.to_thread(make_shop, {"BOOKSHOP_WS_MAX_PER_ADDRESS": "3"}, ["gateway"])
     async with aiohttp.ClientSession() as session:
         # handshakes racing each other get no further: of twenty at once, three are let in
         racing = await asyncio.gather(*(connect(session, shop) for _ in range(20)), return_exceptions=True)
@@ -205,14 +180,14 @@ async def test_sockets_beyond_the_limit_per_address_are_refused_at_the_upgrade_w
 
 @pytest.mark.gen_test(timeout=90)
 async def test_x_forwarded_for_names_the_client_only_when_the_peer_is_a_trusted_proxy(make_shop):
-    shop = await in_thread(make_shop, {"BOOKSHOP_WS_MAX_PER_ADDRESS": "2", "BOOKSHOP_TRUSTED_PROXIES": "127.0.0.1"},
-                           ["gateway"])
+    env = {"BOOKSHOP_WS_MAX_PER_ADDRESS": "2", "BOOKSHOP_TRUSTED_PROXIES": "127.0.0.1"}
+    shop = await asyncio.to_thread(make_shop, env, ["gateway"])
     async with aiohttp.ClientSession() as session:
-        ann = [await connect(session, shop, {XFF: "203.0.113.7"}) for _ in range(2)]
+        ann = [await connect(session, shop, headers={XFF: "203.0.113.7"}) for _ in range(2)]
         assert (await refused(session, shop, {XFF: "203.0.113.7"})).status == 429
         # the proxy's right-most entry is the client; what the client wrote to its left proves nothing
         assert (await refused(session, shop, {XFF: "198.51.100.1, 203.0.113.7"})).status == 429
-        bob = await connect(session, shop, {XFF: "203.0.113.8"})       # another client behind the proxy
+        bob = await connect(session, shop, headers={XFF: "203.0.113.8"})       # another client behind the proxy
         direct = await connect(session, shop)                          # the proxy's own address
         await ann.pop().close()
         ann.append(await until_admitted(session, shop, {XFF: "203.0.113.7"}))
@@ -268,7 +243,7 @@ async def test_a_failed_auth_leaves_the_socket_anonymous_and_ends_its_private_su
 
 @pytest.mark.gen_test(timeout=90)
 async def test_a_failed_auth_cancels_the_expiry_of_the_token_it_replaced(make_shop):
-    shop = await in_thread(make_shop, {"BOOKSHOP_ACCESS_TOKEN_TTL": "2"}, ["users", "gateway"])
+    shop = await asyncio.to_thread(make_shop, {"BOOKSHOP_ACCESS_TOKEN_TTL": "2"}, ["users", "gateway"])
     async with aiohttp.ClientSession() as session:
         api = Api(shop, session)
         login = await api.login(*await api.register())
@@ -289,14 +264,14 @@ async def test_a_failed_auth_cancels_the_expiry_of_the_token_it_replaced(make_sh
 
 @pytest.mark.gen_test(timeout=120)
 async def test_a_valid_token_while_the_users_service_is_down_is_unavailable_not_invalid(make_shop):
-    shop = await in_thread(make_shop, None, ["users", "gateway"])
+    shop = await asyncio.to_thread(make_shop, None, ["users", "gateway"])
     async with aiohttp.ClientSession() as session:
         api = Api(shop, session)
         email, password = await api.register()
         token = (await api.login(email, password))["access_token"]
         # a gateway that has no keys yet (restarted while the users service is down) cannot check any token
-        await in_thread(shop.kill, "users")
-        await in_thread(shop.restart, "gateway")
+        await asyncio.to_thread(shop.kill, "users")
+        await asyncio.to_thread(shop.restart, "gateway")
         ws = await connect(session, shop)
         frames = await auth(ws, token)
         assert frames[-1]["type"] == "error" and frames[-1]["code"] == "unavailable", frames
@@ -306,7 +281,7 @@ async def test_a_valid_token_while_the_users_service_is_down_is_unavailable_not_
         assert frames[-1]["code"] == "invalid_token"
 
         # the same token once the keys can be loaded again (a client retries "shortly", as told)
-        await in_thread(shop.start, "users")
+        await asyncio.to_thread(shop.start, "users")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
         while (answer := (await auth(ws, token))[-1])["type"] == "error":

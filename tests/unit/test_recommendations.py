@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 from fakes import FakeCoPurchases as FakeStore  # its contract with the real store: test_repository_contracts.py
+from harness import until
 
 from bookshop.services import errors
 from bookshop.services import recommendations as rec
@@ -405,7 +406,7 @@ async def test_an_instance_that_does_not_hold_the_lease_does_not_follow():
     await asyncio.sleep(0.1)
     assert orders.connections == [] and not store.stream.built
     await store.release_lease("someone else")
-    await asyncio.sleep(0.1)
+    await until(lambda: store.stream.built)
     stop.set()
     await task
     assert store.stream.built and store.counts(A) == {B: 5, C: 3}
