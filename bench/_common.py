@@ -33,7 +33,8 @@ from typing import Any, Awaitable, Callable, Iterable
 from pymongo import monitoring
 
 from bookshop import SERVICES
-from bookshop.procs import die_with_parent
+from bookshop import procs
+from bookshop.procs import die_with_parent, free_port  # noqa: F401 - free_port: for the benches
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -166,12 +167,6 @@ class Bench:
 
 
 # -- ports, HTTP --------------------------------------------------------------------------------------------
-def free_port(host: str = HOST) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def free_port_block(count: int, host: str = HOST, low: int = 20000, high: int = 32000) -> int:
     """The first of ``count`` consecutive free ports (below the kernel's ephemeral range)."""
     for _ in range(500):
@@ -192,11 +187,7 @@ def free_port_block(count: int, host: str = HOST, low: int = 20000, high: int = 
 
 
 def port_open(port: int, host: str = HOST) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+    return procs.port_open(host, port)
 
 
 def call(method: str, url: str, body: Any = None, token: str | None = None, headers: dict | None = None,

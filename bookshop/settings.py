@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import secrets
@@ -93,29 +94,20 @@ class Settings:
             elif default is not None:
                 kw[field] = default
 
-        def integer(name: str, field: str, lo: int, hi: int):
+        def bounded(name: str, field: str, lo: float, hi: float, parse=int, what: str = "an integer"):
             raw = env.get(name)
             if raw is None or raw.strip() == "":
                 return
             try:
-                value = int(raw)
+                value = parse(raw)
             except ValueError:
-                raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+                raise SettingsError(f"{name} must be {what}, got {raw!r}") from None
             if not lo <= value <= hi:
                 raise SettingsError(f"{name} must be between {lo} and {hi}, got {value}")
             kw[field] = value
 
-        def number(name: str, field: str, lo: float, hi: float):
-            raw = env.get(name)
-            if raw is None or raw.strip() == "":
-                return
-            try:
-                value = float(raw)
-            except ValueError:
-                raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-            if not lo <= value <= hi:
-                raise SettingsError(f"{name} must be between {lo} and {hi}, got {value}")
-            kw[field] = value
+        integer = bounded
+        number = functools.partial(bounded, parse=float, what="a number")
 
         def flag(name: str, field: str):
             raw = env.get(name)

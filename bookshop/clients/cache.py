@@ -115,17 +115,8 @@ class BookPageCache:
     async def stock(self, isbn: str) -> bytes:
         if isbn in self.levels and self._live("inventory"):
             return self.levels[isbn]
-        gen = self.generation["inventory"]
-        try:
-            levels = await self.inventory.levels(isbn)
-        except errors.DomainError as exc:
-            log.info("stock of %s unavailable: %s", isbn, exc.code)
-            return NULL
-        value = dumps({"available": levels["available"]}) if levels is not None else NULL
-        if levels is not None and self._live("inventory") and gen == self.generation["inventory"]:
-            self._bounded(self.levels)
-            self.levels[isbn] = value
-        return value
+        return await self._fetch("inventory", self.levels, isbn, self.inventory.levels,
+                                 lambda levels: {"available": levels["available"]}, "stock")
 
     async def recommendations(self, isbn: str, token: str | None = None) -> bytes:
         """Anonymous recommendations are shared and cached; a customer's own (``token``) are not."""
@@ -138,19 +129,24 @@ class BookPageCache:
         hit = self.recs.get(isbn)
         if hit and time.monotonic() - hit[0] < RECS_SECONDS and self._live("catalog"):
             return hit[1]
-        return await self._once(("recs", isbn), self._fetch_recommendations(isbn))
+        return await self._once(("recs", isbn), self._fetch("catalog", self.recs, isbn, self.recs_client.for_book,
+                                                            lambda items: items, "recommendations", timed=True))
 
-    async def _fetch_recommendations(self, isbn: str) -> bytes:
-        gen = self.generation["catalog"]
+    async def _fetch(self, stream: str, table: dict, isbn: str, fetch, view, what: str, timed: bool = False) -> bytes:
+        """A part from its service (NULL when the service cannot say), kept in ``table`` if ``stream`` is
+        followed and no event of it came while the call was out (``timed``: with the time it was fetched)."""
+        gen = self.generation[stream]
         try:
-            items = await self.recs_client.for_book(isbn)
+            got = await fetch(isbn)
         except errors.DomainError as exc:
-            log.info("recommendations for %s unavailable: %s", isbn, exc.code)
+            log.info("%s of %s unavailable: %s", what, isbn, exc.code)
             return NULL
-        value = dumps(items) if items is not None else NULL
-        if items is not None and self._live("catalog") and gen == self.generation["catalog"]:
-            self._bounded(self.recs)
-            self.recs[isbn] = (time.monotonic(), value)
+        if got is None:
+            return NULL
+        value = dumps(view(got))
+        if self._live(stream) and gen == self.generation[stream]:
+            self._bounded(table)
+            table[isbn] = (time.monotonic(), value) if timed else value
         return value
 
     async def _once(self, key: tuple, fetch) -> bytes:

@@ -16,8 +16,8 @@ from bookshop.handlers.live import LiveSocket
 from bookshop.net import client_address
 from bookshop.services import errors
 from bookshop.services.isbn import normalize_isbn
-from bookshop.ws.channels import CHANNELS, ChannelError, authorize, valid_epoch
-from bookshop.ws.hub import resumable
+from bookshop.ws.channels import ChannelError, authorize, valid_epoch
+from bookshop.ws.hub import long_poll
 
 log = logging.getLogger(__name__)
 
@@ -124,24 +124,8 @@ class EventsHandler(GatewayBase):
                                       details={"field": "epoch"})
         wait = int_arg(self, "wait", 0, 0, 30)
         limit = int_arg(self, "limit", 100, 1, 500)
-        stream = self.deps.hub.streams[CHANNELS[channel]]
-        source = stream.source
-        page = await source.read(after, limit)
-        if resumable(page, after, epoch) and not page["items"] and wait:
-            deadline = asyncio.get_running_loop().time() + wait
-            waiter = self.deps.waiters
-            while asyncio.get_running_loop().time() < deadline and stream.seq <= after:
-                await waiter.wait(CHANNELS[channel], deadline - asyncio.get_running_loop().time())
-            page = await source.read(after, limit)
-        if not resumable(page, after, epoch):
-            self.write_json({"items": [], "seq": page["seq"], "epoch": page.get("epoch"), "reset": True})
-            return
-        items = [{"type": "event", "channel": channel, "seq": e["seq"], "event": e["event"], "data": e["data"],
-                  "at": e["at"]} for e in page["items"] if filter_.matches(e)]
-        # an empty page resumes from ``after``: the log's latest seq is read after its items, so it may
-        # already count an event the page missed
-        last = page["items"][-1]["seq"] if page["items"] else after
-        self.write_json({"items": items, "seq": last, "epoch": page.get("epoch"), "reset": False})
+        self.write_json(await long_poll(self.deps.hub, self.deps.waiters, channel, filter_, after, epoch, wait,
+                                        limit))
 
 
 class OpenApiHandler(GatewayBase):

@@ -494,3 +494,27 @@ class Waiters:
             await asyncio.wait_for(waiter.wait(), max(0.0, timeout))
         except asyncio.TimeoutError:
             pass
+
+
+async def long_poll(hub: Hub, waiters: Waiters, channel: str, filter_: Filter, after: int, epoch: str | None,
+                    wait: float, limit: int) -> dict:
+    """``GET /api/v1/events``: the events of ``channel`` after ``after`` that ``filter_`` lets through, waiting
+    up to ``wait`` seconds for one when there are none yet. ``reset`` when ``after`` is not a position in the
+    stream's current history (another epoch, beyond the head, older than the log keeps)."""
+    name = CHANNELS[channel]
+    stream = hub.streams[name]
+    page = await stream.source.read(after, limit)
+    if resumable(page, after, epoch) and not page["items"] and wait:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while loop.time() < deadline and stream.seq <= after:
+            await waiters.wait(name, deadline - loop.time())
+        page = await stream.source.read(after, limit)
+    if not resumable(page, after, epoch):
+        return {"items": [], "seq": page["seq"], "epoch": page.get("epoch"), "reset": True}
+    items = [{"type": "event", "channel": channel, "seq": e["seq"], "event": e["event"], "data": e["data"],
+              "at": e["at"]} for e in page["items"] if filter_.matches(e)]
+    # an empty page resumes from ``after``: the log's latest seq is read after its items, so it may already
+    # count an event the page missed
+    last = page["items"][-1]["seq"] if page["items"] else after
+    return {"items": items, "seq": last, "epoch": page.get("epoch"), "reset": False}

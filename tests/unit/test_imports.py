@@ -139,3 +139,35 @@ def test_the_hub_knows_nothing_of_handlers_or_storage():
     for module, imports in graph().items():
         if module.startswith("bookshop.ws"):
             assert not {i for i in imports if i.startswith(("bookshop.handlers", "bookshop.storage"))}, module
+
+
+def test_the_hub_reaches_services_through_clients():
+    for module in graph():
+        if module.startswith("bookshop.ws"):
+            assert "aiohttp" not in third_party(module), module
+
+
+#: docs/architecture.md's table "what each may import" (the package's own ``__init__``, the service names, is
+#: open to all)
+MAY_IMPORT = {
+    "bookshop.services": {"bookshop.services"},
+    "bookshop.storage": {"bookshop.storage", "bookshop.services", "bookshop.tracing"},
+    "bookshop.clients": {"bookshop.clients", "bookshop.services", "bookshop.tracing", "bookshop.logs"},
+    "bookshop.auth": {"bookshop.services"},
+    "bookshop.ws": {"bookshop.ws", "bookshop.services", "bookshop.clients", "bookshop.auth", "bookshop.validation"},
+    "bookshop.handlers": {"bookshop.handlers", "bookshop.services", "bookshop.ws", "bookshop.auth", "bookshop.deps",
+                          "bookshop.validation", "bookshop.logs", "bookshop.tracing", "bookshop.net"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_each_package_imports_only_what_the_map_allows(package):
+    beyond = {(module, unit(i)) for module, imports in graph().items() if unit(module) == package
+              for i in imports if unit(i) not in MAY_IMPORT[package] | {"bookshop"}}
+    beyond -= {(m, "bookshop.storage") for m in STORAGE_IN_HANDLERS}
+    assert not beyond
+
+
+def test_only_the_process_entry_points_import_the_wiring():
+    importers = {m for m, imports in graph().items() if "bookshop.wiring" in imports}
+    assert importers == {"bookshop.app", "bookshop.supervisor"}
