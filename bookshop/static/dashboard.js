@@ -34,6 +34,8 @@
   const TITLE_RETRY_AFTER_MS = 60000;
   const REFRESH_KEY = "bookshop.refresh"; // sessionStorage: the refresh token only
   const CONFIRM_CANCEL_MS = 4000;
+  const TOTALS_GAP_MS = 1000;             // at most one read of today's totals a second, however busy the shop
+  const TOTALS_SETTLE_MS = 80;            // an order's events come in twos (created, decided): read after both
 
   // ---- state ----------------------------------------------------------------------------------------
 
@@ -924,19 +926,33 @@
   const totals = {
     inFlight: null,
     again: false,
+    lastRead: 0,           // when the last read started
+    gapTimer: null,
     midnightTimer: null,
     minuteTimer: null,
     clockSkew: 0,          // server time − our time, from the last answer
     chart: null,           // {from: ms of the first minute, counts: [60]}
   };
 
-  /** Reads today's totals; while one read is in flight, further events ask for one more read after it. */
+  /** Reads today's totals a moment after an event (TOTALS_SETTLE_MS, so the events of one order make one
+   * read), at most once every TOTALS_GAP_MS; an event while a read is in flight asks for one more after it.
+   * A burst of orders costs a read a second, and the last read always comes after the last event. */
   function refreshTotals() {
-    if (!isStaff()) return;
+    if (!isStaff() || totals.gapTimer) return;
     if (totals.inFlight) {
       totals.again = true;
       return;
     }
+    const wait = Math.max(TOTALS_SETTLE_MS, totals.lastRead + TOTALS_GAP_MS - Date.now());
+    totals.gapTimer = setTimeout(() => {
+      totals.gapTimer = null;
+      readTotals();
+    }, wait);
+  }
+
+  function readTotals() {
+    if (!isStaff()) return;
+    totals.lastRead = Date.now();
     totals.inFlight = apiRequest("GET", "/orders/summary", undefined, { auth: true })
       .then(renderTotals)
       .catch((err) => {
@@ -987,6 +1003,8 @@
 
   function clearTotals() {
     clearTimeout(totals.midnightTimer);
+    clearTimeout(totals.gapTimer);
+    totals.gapTimer = null;
     dashboard.totals = null;
     totals.chart = null;
     for (const key of ["confirmed", "revenue", "cancellations", "open"]) ui.tiles[key].textContent = "—";
