@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import uuid
 
 from bookshop.services import errors
 from bookshop.services import recommendations as rec
@@ -53,6 +54,37 @@ class FakeBooks:
             return False
         doc["deleted_at"] = utcnow()
         return True
+
+
+class FakeUsers:
+    """``storage.users.UserRepo``: accounts by id and by (normalised) email."""
+
+    def __init__(self):
+        self.docs: dict[str, dict] = {}
+
+    async def add(self, email: str, name: str, password_hash: str, role: str = "customer") -> dict | None:
+        if any(d["email"] == email for d in self.docs.values()):
+            return None
+        doc = {"_id": uuid.uuid4().hex[:24], "email": email, "name": name, "role": role,
+               "password_hash": password_hash, "created_at": utcnow()}
+        self.docs[doc["_id"]] = doc
+        return copy.deepcopy(doc)
+
+    async def by_email(self, email: str) -> dict | None:
+        return next((copy.deepcopy(d) for d in self.docs.values() if d["email"] == email), None)
+
+    async def by_id(self, user_id: str) -> dict | None:
+        return copy.deepcopy(self.docs.get(user_id))
+
+    async def set_hash(self, user_id: str, password_hash: str) -> None:
+        if user_id in self.docs:
+            self.docs[user_id]["password_hash"] = password_hash
+
+    async def change_password(self, user_id: str, password_hash: str) -> None:
+        if user_id in self.docs:
+            doc = self.docs[user_id]
+            doc["password_hash"] = password_hash
+            doc["token_version"] = doc.get("token_version", 0) + 1
 
 
 class FakeCharges:

@@ -7,7 +7,7 @@ import datetime
 import uuid
 
 import pytest
-from fakes import FakeBooks, FakeCharges, FakeCoPurchases, FakeLoginAttempts
+from fakes import FakeBooks, FakeCharges, FakeCoPurchases, FakeLoginAttempts, FakeUsers
 
 from bookshop.services import recommendations as rec
 from bookshop.services.recommendations import StreamState
@@ -48,6 +48,16 @@ async def charges(kind, mongodb_uri) -> Made:
     from bookshop.storage.payments import ChargeRepo
     db = database(mongodb_uri)
     return Made(ChargeRepo(db), db)
+
+
+async def users(kind, mongodb_uri) -> Made:
+    if kind == "fake":
+        return Made(FakeUsers())
+    from bookshop.storage.users import UserRepo
+    db = database(mongodb_uri)
+    repo = UserRepo(db)
+    await repo.create_indexes()
+    return Made(repo, db)
 
 
 async def attempts(kind, mongodb_uri) -> Made:
@@ -149,6 +159,28 @@ async def test_a_declined_charge_has_nothing_to_refund_and_a_voided_order_refuse
         assert await repo.void("o3") is True
         late, created = await repo.record("o3", 1500, "EUR", "4242", "charged", None)
         assert not created and late["status"] == "voided"
+    finally:
+        made.close()
+
+
+# -- users ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.gen_test(timeout=60)
+async def test_an_account_is_found_by_id_and_email_and_a_new_password_moves_its_version(kind, mongodb_uri):
+    made = await users(kind, mongodb_uri)
+    try:
+        repo = made.repo
+        ann = await repo.add("ann@example.com", "Ann", "hash-1")
+        assert ann["role"] == "customer" and ann["password_hash"] == "hash-1" and isinstance(ann["_id"], str)
+        assert await repo.add("ann@example.com", "Another Ann", "hash-2") is None
+        assert (await repo.by_email("ann@example.com"))["_id"] == ann["_id"]
+        assert await repo.by_email("bob@example.com") is None and await repo.by_id("nobody") is None
+        await repo.set_hash(ann["_id"], "hash-1b")  # the same password, rehashed: not a change
+        doc = await repo.by_id(ann["_id"])
+        assert doc["password_hash"] == "hash-1b" and doc.get("token_version", 0) == 0
+        await repo.change_password(ann["_id"], "hash-3")
+        doc = await repo.by_id(ann["_id"])
+        assert doc["password_hash"] == "hash-3" and doc["token_version"] == 1
     finally:
         made.close()
 

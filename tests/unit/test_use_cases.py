@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fakes import FakeBooks, FakeCharges, FakeLoginAttempts
+from fakes import FakeBooks, FakeCharges, FakeLoginAttempts, FakeUsers
 
 from bookshop.services import accounts, errors
 from bookshop.services.books import EditBook
@@ -125,18 +125,6 @@ class Counts:
         self.seen.append(name)
 
 
-class Users:
-    def __init__(self, user):
-        self.user = user
-        self.rehashed = None
-
-    async def by_email(self, email):
-        return self.user if self.user and self.user["email"] == email else None
-
-    async def set_hash(self, user_id, password_hash):
-        self.rehashed = password_hash
-
-
 class Issuer:
     async def pair(self, user, family=None):
         return {"access_token": f"for {user['_id']}"}
@@ -146,7 +134,9 @@ def login_of(user, max_failures=3):
     hashes = accounts.HashPool(workers=1, queue=4)
     metrics = Counts()
     policy = LockoutPolicy(FakeLoginAttempts(), hashes, max_failures, 60, metrics)
-    return Login(Users(user), policy, Issuer()), hashes, metrics
+    users = FakeUsers()
+    users.docs[user["_id"]] = dict(user)
+    return Login(users, policy, Issuer()), hashes, metrics
 
 
 def test_a_login_answers_a_token_pair_and_counts_it():
@@ -154,7 +144,7 @@ def test_a_login_answers_a_token_pair_and_counts_it():
     login, hashes, metrics = login_of(user)
     try:
         assert run(login(" Ann@Example.com ", "s3cret-pass", "10.0.0.1")) == {"access_token": "for u1"}
-        assert metrics.seen == ["logins"] and login.users.rehashed is None
+        assert metrics.seen == ["logins"] and login.users.docs["u1"]["password_hash"] == user["password_hash"]
     finally:
         hashes.close()
 
@@ -194,3 +184,17 @@ def test_recommendations_are_for_a_book_or_a_customer_with_the_position_they_wer
     assert run(recommend(None, "u1")) == ([{"customer": "u1"}], 41)
     with pytest.raises(errors.InvalidInput):
         run(recommend(None, None))
+
+
+def test_a_login_with_a_hash_of_weaker_parameters_stores_it_anew_and_keeps_the_version():
+    import argon2
+    weak = argon2.PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("s3cret-pass")
+    user = {"_id": "u1", "email": "ann@example.com", "password_hash": weak}
+    login, hashes, _ = login_of(user)
+    try:
+        run(login("ann@example.com", "s3cret-pass", "10.0.0.1"))
+        stored = login.users.docs["u1"]
+        assert stored["password_hash"] != weak and not accounts.needs_rehash(stored["password_hash"])
+        assert stored.get("token_version", 0) == 0  # the same password: the account's logins stay
+    finally:
+        hashes.close()
