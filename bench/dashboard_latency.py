@@ -31,6 +31,7 @@ import uuid
 
 from bench import _common as c
 from bookshop import SERVICES
+from bookshop.services.isbn import isbn13_check_digit
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -54,9 +55,9 @@ def parse_args(argv):
 
 
 def early_isbn() -> str:
-    base = f"979000{random.randrange(10**6):06d}"
-    check = (10 - sum(int(d) * (1 if i % 2 == 0 else 3) for i, d in enumerate(base)) % 10) % 10
-    return base + str(check)
+    """A new ISBN-13 near the start of the inventory snapshot (979000...)."""
+    first12 = f"979000{random.randrange(10**6):06d}"
+    return first12 + isbn13_check_digit(first12)
 
 
 def main(argv=None) -> int:
