@@ -358,12 +358,14 @@ class OrderRepo:
         items = [(pending, None) for doc in docs for pending in doc["pending"]]
         if not items:
             return []
-        order_ids = [doc["_id"] for doc in docs]
-        event_ids = [pending["_id"] for pending, _ in items]
+        # one statement per order naming its own events, in one command: a single update_many naming every
+        # event of the batch made the server match each order's events against all of them (measured: its cost
+        # per order grew with the batch, 3 -> 6 ms of server CPU from 8 to 13 orders a pass)
+        pulls = [pymongo.UpdateOne({"_id": doc["_id"]}, {"$pull": {"pending": {"_id": {"$in": [
+            p["_id"] for p in doc["pending"]]}}}}) for doc in docs]
 
         async def ack():
-            await self.orders.update_many({"_id": {"$in": order_ids}},
-                                          {"$pull": {"pending": {"_id": {"$in": event_ids}}}})
+            await self.orders.bulk_write(pulls, ordered=False)
         items[-1] = (items[-1][0], ack)
         return items
 

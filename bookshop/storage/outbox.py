@@ -50,6 +50,11 @@ RETENTION = datetime.timedelta(hours=48)
 EPOCH = "epoch"  # the meta document naming the log's history
 LEASE_SECONDS = 10.0
 FALLBACK_SECONDS = 30.0  # the relay's slow poll, for other processes' leftovers only
+# Under load (the last pass moved events) a pass starts no sooner than this after the previous one began. A pass
+# reads every document that still carries events, whatever the batch's size: the inventory's relay read its level
+# documents about 12 times a second under 32 customers (9 ms of the embedded server's CPU each, 2 orders a pass).
+# The first event after a quiet moment still moves at once; later ones wait at most this long.
+PACE_SECONDS = 0.2
 FOREIGN_WATCH_SECONDS = 600.0  # how long a change stream stays open after another process was seen numbering
 
 
@@ -270,13 +275,14 @@ class Relay:
     BLOCKED_RETRY = 0.5  # seconds: our events wait for another process's relay; look again this soon
 
     def __init__(self, log_: EventLog, embedded: list[EmbeddedSource] | None = None, batch: int = 500,
-                 fallback: float = FALLBACK_SECONDS, coalesce: float = 0.002):
+                 fallback: float = FALLBACK_SECONDS, coalesce: float = 0.002, pace: float = PACE_SECONDS):
         self.log = log_
         for source in embedded or []:
             log_.add_source(source)
         self.batch = batch
         self.fallback = fallback
         self.coalesce = coalesce  # after a wake-up, let the writes of the same moment join the pass
+        self.pace = pace
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{ObjectId()}"
         self._next_seq: int | None = None
         self._lease_until: datetime.datetime | None = None
@@ -429,8 +435,10 @@ class Relay:
         except pymongo.errors.PyMongoError as exc:
             log.warning("relay start: %s", exc)
         full = True  # the first pass reads everything: what was left before we started
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             self.log.written.clear()  # before the pass: what is written during it wakes the next one
+            began = loop.time()
             try:
                 moved = await self.run_once(full=full)
             except asyncio.CancelledError:
@@ -444,14 +452,16 @@ class Relay:
                 await _first(stop, None, 1.0)
                 continue
             full = self.blocked
-            if moved:
-                continue
+            if moved >= self.batch:
+                continue  # a full batch: more may be waiting
             await _first(stop, self.log.written, self.BLOCKED_RETRY if self.blocked else self.fallback)
             if stop.is_set():
                 break
             if self.log.written.is_set():
-                if self.coalesce:
-                    await asyncio.sleep(self.coalesce)
+                # under load (the last pass moved events) passes follow each other at most every ``pace`` s
+                wait = max(self.coalesce, self.pace - (loop.time() - began)) if moved else self.coalesce
+                if wait > 0:
+                    await asyncio.sleep(wait)
             elif not self.blocked:
                 full = True  # the fallback pass
                 try:
