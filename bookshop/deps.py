@@ -15,9 +15,9 @@ if TYPE_CHECKING:  # pragma: no cover - names for readers and type checkers
     from bookshop.clients.cache import BookPageCache
     from bookshop.clients.services import (CatalogClient, InventoryClient, OrdersClient, PaymentsClient,
                                            RecommendationsClient, UsersClient)
-    from bookshop.services.accounts import HashPool, RegistrationLimit, TokenIssuer
+    from bookshop.services.accounts import TokenIssuer
     from bookshop.services.books import EditBook
-    from bookshop.services.logins import LockoutPolicy, Login, Refresh
+    from bookshop.services.logins import ChangePassword, Login, Refresh, Register
     from bookshop.services.catalog import CursorCodec
     from bookshop.services.checkout import Checkout
     from bookshop.services.place_order import PlaceOrders
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for readers and type checkers
     from bookshop.storage.inventory import LevelRepo
     from bookshop.storage.orders import CartRepo, OrderRepo
     from bookshop.storage.payments import ChargeRepo
-    from bookshop.storage.users import KeyRepo, LoginAttemptRepo, RefreshTokenRepo, UserRepo
+    from bookshop.storage.users import KeyRepo, RefreshTokenRepo, UserRepo
     from bookshop.ws.hub import Hub, Waiters
     from bookshop.handlers.live import LiveSocket
 
@@ -39,12 +39,10 @@ class UsersDeps:
     users: UserRepo
     refresh_tokens: RefreshTokenRepo
     keys: KeyRepo
-    login_attempts: LoginAttemptRepo
     issuer: TokenIssuer
-    hashes: HashPool
-    registrations: RegistrationLimit
-    lockout: LockoutPolicy
+    register: Register
     login: Login
+    change_password: ChangePassword
     refresh: Refresh
 
 

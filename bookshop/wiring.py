@@ -39,12 +39,13 @@ async def _users(ctx: ServiceContext) -> tuple[UsersDeps, list]:
     issuer = accounts.TokenIssuer(keys, refresh_tokens, settings.access_token_ttl, utcnow)
     lockout = logins.LockoutPolicy(attempts, hashes, settings.login_max_failures, settings.login_lock_seconds,
                                    ctx.metrics)
-    deps = UsersDeps(users=users_repo, refresh_tokens=refresh_tokens, keys=keys, login_attempts=attempts,
-                     issuer=issuer, hashes=hashes,
-                     registrations=accounts.RegistrationLimit(settings.registration_limit),
-                     lockout=lockout, login=logins.Login(users_repo, lockout, issuer),
+    registrations = accounts.RegistrationLimit(settings.registration_limit)
+    deps = UsersDeps(users=users_repo, refresh_tokens=refresh_tokens, keys=keys, issuer=issuer,
+                     register=logins.Register(users_repo, hashes, registrations, ctx.metrics),
+                     login=logins.Login(users_repo, lockout, issuer),
+                     change_password=logins.ChangePassword(users_repo, refresh_tokens, lockout),
                      refresh=logins.Refresh(refresh_tokens, users_repo, issuer, utcnow))
-    for repo in (deps.users, deps.refresh_tokens, deps.login_attempts):
+    for repo in (users_repo, refresh_tokens, attempts):
         await repo.create_indexes()
     if await keys.active() is None:
         key = await asyncio.to_thread(accounts.new_signing_key)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 
 from bookshop import SERVICES, auth, net
 from bookshop.deps import UsersDeps
@@ -67,10 +66,6 @@ class AccountHandler(UsersBase):
             return forwarded.split(",")[-1].strip()[:net.MAX_ADDRESS]
         return net.client_address(self.request.remote_ip, forwarded, self.ctx.settings.trusted_proxies)
 
-    @property
-    def hashes(self) -> accounts.HashPool:
-        return self.deps.hashes
-
 
 class UsersHandler(AccountHandler):
     """``POST /api/v1/users``: register, at most ``BOOKSHOP_REGISTRATION_LIMIT`` per client address per 10
@@ -80,20 +75,7 @@ class UsersHandler(AccountHandler):
 
     async def post(self):
         body = self.json_body(NewUser)
-        email = accounts.normalize_email(body.email)
-        accounts.check_password_rules(body.password)
-        name = accounts.check_name(body.name)
-        with self.hashes.admit("registration"):  # first: a 503 is not counted against the address
-            wait = self.deps.registrations.hit(self.client_address())
-            if wait > 0:
-                raise errors.RateLimited("too many registrations from this address; try again later",
-                                         code="too_many_attempts", retry_after=math.ceil(wait))
-            password_hash = await self.hashes.run(accounts.hash_password, body.password)
-        user = await self.deps.users.add(email, name, password_hash)
-        if user is None:
-            raise errors.Conflict("an account with this email exists", code="email_taken")
-        self.ctx.metrics.count("users_registered")
-        log.info("registered user %s", user["_id"])
+        user = await self.deps.register(body.email, body.password, body.name, self.client_address())
         self.write_json(user_view(user), 201)
 
 
@@ -113,19 +95,8 @@ class PasswordHandler(AccountHandler):
     async def post(self):
         principal = self.require("customer", "staff")
         body = self.json_body(PasswordChange)
-        accounts.check_password_rules(body.new_password, field="new_password")
-        users = self.deps.users
-        user = await users.by_id(principal.sub)
-        if user is None:
-            raise errors.NotFound("user not found")
-        with self.hashes.admit("login"):
-            await self.deps.lockout.check(user["email"], self.client_address(), user["password_hash"],
-                                          body.current_password)
-            new_hash = await self.hashes.run(accounts.hash_password, body.new_password)
-        await users.change_password(user["_id"], new_hash)  # refresh tokens issued before are refused from now
-        await self.deps.refresh_tokens.revoke_user(user["_id"])
-        self.ctx.metrics.count("password_changes")
-        log.info("password changed for user %s; its refresh tokens are revoked", user["_id"])
+        await self.deps.change_password(principal.sub, body.current_password, body.new_password,
+                                        self.client_address())
         self.set_status(204)
         self.finish()
 

@@ -1,4 +1,5 @@
-"""Use cases of signing in: the password check with its lockout, logging in, refreshing a login.
+"""Use cases of accounts: registering, the password check with its lockout, logging in, changing the
+password, refreshing a login.
 
 Plain Python over the users service's repositories (``storage/users.py``) and the Argon2id pool
 (``accounts.HashPool``); the handlers only parse the request, call these and write the answer."""
@@ -119,3 +120,55 @@ class Refresh:
             await tokens.revoke_family(doc["family"])
             raise invalid_refresh()
         return pair
+
+
+class Register:
+    """Open an account: at most ``limit`` per client address per ten minutes (``accounts.RegistrationLimit``,
+    counted in this process); the password hashed in the bounded pool."""
+
+    def __init__(self, users, hashes: accounts.HashPool, limit: accounts.RegistrationLimit, metrics: Counter):
+        self.users = users
+        self.hashes = hashes
+        self.limit = limit
+        self.metrics = metrics
+
+    async def __call__(self, email: str, password: str, name: str, address: str) -> dict:
+        email = accounts.normalize_email(email)
+        accounts.check_password_rules(password)
+        name = accounts.check_name(name)
+        with self.hashes.admit("registration"):  # first: a 503 is not counted against the address
+            wait = self.limit.hit(address)
+            if wait > 0:
+                raise errors.RateLimited("too many registrations from this address; try again later",
+                                         code="too_many_attempts", retry_after=math.ceil(wait))
+            password_hash = await self.hashes.run(accounts.hash_password, password)
+        user = await self.users.add(email, name, password_hash)
+        if user is None:
+            raise errors.Conflict("an account with this email exists", code="email_taken")
+        self.metrics.count("users_registered")
+        log.info("registered user %s", user["_id"])
+        return user
+
+
+class ChangePassword:
+    """A new password for a signed-in account: a wrong current one counts like a failed login; a change signs
+    every login of the account out (its refresh tokens are revoked, and those issued before are refused)."""
+
+    def __init__(self, users, refresh_tokens, policy: LockoutPolicy):
+        self.users = users
+        self.refresh_tokens = refresh_tokens
+        self.policy = policy
+
+    async def __call__(self, user_id: str, current: str, new: str, address: str) -> None:
+        accounts.check_password_rules(new, field="new_password")
+        user = await self.users.by_id(user_id)
+        if user is None:
+            raise errors.NotFound("user not found")
+        hashes = self.policy.hashes
+        with hashes.admit("login"):
+            await self.policy.check(user["email"], address, user["password_hash"], current)
+            new_hash = await hashes.run(accounts.hash_password, new)
+        await self.users.change_password(user["_id"], new_hash)
+        await self.refresh_tokens.revoke_user(user["_id"])
+        self.policy.metrics.count("password_changes")
+        log.info("password changed for user %s; its refresh tokens are revoked", user["_id"])
