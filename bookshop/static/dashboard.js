@@ -416,6 +416,7 @@
       delete dashboard.lastSeq[channel];
       delete dashboard.epochs[channel];
       delete dashboard.subscriptions[channel];
+      snapshotsSeen.delete(channel);
     }
     clearOrders();
     clearTotals();
@@ -753,6 +754,8 @@
     updateLiveState();
   }
 
+  const snapshotsSeen = new Set(); // channels that had a snapshot on this page (a later one is a reset)
+
   function handleSnapshot(frame) {
     const channel = frame.channel;
     if (!channel) return;
@@ -764,9 +767,12 @@
     if (entry) {
       entry.done = true;
       if (typeof entry.after === "number") entry.reset = true;
-    } else if (conn.everLive && dashboard.state === "live" && typeof conn.sent[channel]?.after === "number") {
+    } else if (snapshotsSeen.has(channel)) {
+      // a live subscription's stream started another history (a restored backup): the server sent it afresh
       addFeedNote(channel + ": the stream's history was reset — reloaded from the server");
+      setDetail(channel + " reloaded: its history was reset");
     }
+    snapshotsSeen.add(channel);
     const items = (frame.data && Array.isArray(frame.data.items)) ? frame.data.items : [];
     if (channel === "inventory") replaceStock(items);
     else if (channel === "books") replaceBooks(items);

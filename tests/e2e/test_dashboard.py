@@ -14,6 +14,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -21,7 +23,7 @@ import uuid
 import pytest
 
 from client import fresh_isbn
-from harness import ADMIN_EMAIL, ADMIN_PASSWORD, Shop
+from harness import ADMIN_EMAIL, ADMIN_PASSWORD, RUN_PY, Shop
 
 pytestmark = pytest.mark.e2e
 
@@ -402,6 +404,35 @@ def test_offline_says_so_and_coming_back_catches_up(browser, live_shop):
         expect(page.locator("#conn-detail")).to_contain_text("none missed", timeout=WAIT_MS)
         expect(watched.row(isbn).locator('td[data-col="available"]')).to_have_text("5", timeout=WAIT_MS)
         expect(page.locator("#event-feed")).to_contain_text(f"Stock of “Live {isbn}”: 5 available (+2)")
+        assert [e for e in watched.errors if e.startswith("pageerror")] == []
+    finally:
+        context.close()
+
+
+@in_chromium
+def test_a_new_epoch_while_the_page_was_away_reloads_the_stock_and_says_so(browser, live_shop):
+    staff = Client(live_shop)
+    isbn = staff.new_book(stock=3)
+    context = browser.new_context()
+    try:
+        watched = Watched(context, live_shop).open()
+        page = watched.page
+        expect(watched.row(isbn).locator('td[data-col="available"]')).to_have_text("3", timeout=WAIT_MS)
+        epoch = watched.dashboard("epochs.inventory")
+        live_shop.kill("gateway", signal.SIGTERM)
+        expect(page.locator("#conn-state")).to_have_text(re.compile(r"reconnecting"), timeout=WAIT_MS)
+        # a restored backup: the inventory's stream starts another history, whose seqs mean other events
+        done = subprocess.run([sys.executable, RUN_PY, "new-epoch", "inventory"], env=live_shop.env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        staff.restock(isbn, 4, service="inventory")
+        live_shop.start("gateway")
+        expect(page.locator("#conn-detail")).to_contain_text("inventory reloaded (its history was reset)",
+                                                             timeout=WAIT_MS)
+        assert watched.dashboard("epochs.inventory") != epoch
+        level = call("GET", f"{live_shop.api}/inventory/{isbn}")
+        expect(watched.row(isbn).locator('td[data-col="available"]')).to_have_text(str(level["available"]))
+        assert level["available"] == 7
         assert [e for e in watched.errors if e.startswith("pageerror")] == []
     finally:
         context.close()
