@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for readers and type checkers
     from bookshop.clients.services import (CatalogClient, InventoryClient, OrdersClient, PaymentsClient,
                                            RecommendationsClient, UsersClient)
     from bookshop.services.accounts import TokenIssuer
-    from bookshop.services.books import EditBook
+    from bookshop.services.books import EditBook, SearchBooks
     from bookshop.services.logins import ChangePassword, Login, Refresh, Register
     from bookshop.services.catalog import CursorCodec
     from bookshop.services.checkout import Checkout
@@ -49,7 +49,7 @@ class UsersDeps:
 @frozen
 class CatalogDeps:
     books: BookRepo
-    cursors: CursorCodec
+    search_books: SearchBooks
     edit_book: EditBook
 
 

@@ -75,7 +75,7 @@ async def _users(ctx: ServiceContext) -> tuple[UsersDeps, list]:
 async def _catalog(ctx: ServiceContext) -> tuple[CatalogDeps, list]:
     from bookshop.handlers import catalog
     from bookshop.services import demo_data
-    from bookshop.services.books import EditBook
+    from bookshop.services.books import EditBook, SearchBooks
     from bookshop.services.catalog import CursorCodec, search_words
     from bookshop.storage.catalog import BookRepo
     if not ctx.settings.service_secret:
@@ -90,7 +90,8 @@ async def _catalog(ctx: ServiceContext) -> tuple[CatalogDeps, list]:
                                    for b in demo_data.demo_books()])
         if seeded:
             log.info("seeded the demo catalogue (%d books)", seeded)
-    deps = CatalogDeps(books=books, cursors=CursorCodec(ctx.settings.service_secret), edit_book=EditBook(books))
+    deps = CatalogDeps(books=books, search_books=SearchBooks(books, CursorCodec(ctx.settings.service_secret)),
+                       edit_book=EditBook(books))
     return deps, catalog.routes()
 
 

@@ -43,29 +43,9 @@ class BooksHandler(CatalogBase):
     public = {"GET"}
 
     async def get(self):
-        repo = self.deps.books
-        codec = self.deps.cursors
-        q = self.get_query_argument("q", "")
-        author = self.get_query_argument("author", "")
-        category = self.get_query_argument("category", "").strip().lower() or None
-        if len(q) > 200 or len(author) > 200 or (category and len(category) > 50):
-            raise errors.InvalidInput("search terms are too long", code="invalid_field")
-        limit = catalog.page_limit(self.get_query_argument("limit", None))
-        cursor = self.get_query_argument("cursor", None)
-        after = None
-        if cursor:
-            position = codec.decode(cursor)
-            after = position.get("after")
-            if not isinstance(after, str):
-                raise errors.InvalidInput("cursor: not a cursor this server issued", code="invalid_field")
-        q_words, author_words = catalog.words(q)[:8], catalog.words(author)[:8]
-        if (q.strip() and not q_words) or (author.strip() and not author_words):
-            self.write_json({"items": [], "next_cursor": None})
-            return
-        docs = await repo.search(q_words, author_words, category, after, limit + 1)
-        more = len(docs) > limit
-        docs = docs[:limit]
-        next_cursor = codec.encode({"after": docs[-1]["_id"]}) if more else None
+        arg = self.get_query_argument
+        docs, next_cursor = await self.deps.search_books(arg("q", ""), arg("author", ""), arg("category", ""),
+                                                         catalog.page_limit(arg("limit", None)), arg("cursor", None))
         self.write_json({"items": [book_view(d) for d in docs], "next_cursor": next_cursor})
 
     async def post(self):
