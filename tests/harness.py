@@ -31,6 +31,40 @@ ADMIN_EMAIL = "staff@bookshop.test"
 ADMIN_PASSWORD = "staff-password-1"
 
 
+def run(coro):
+    """Run ``coro`` to its end on a private loop, closed here (``asyncio.run`` would also reset the global
+    loop under pytest-tornado's feet, and its dropped loop would leak a socket into the next test)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+class ProbeContext:
+    """Just enough of a ``ServiceContext`` for in-process handler tests (``make_app(ProbeContext(), routes)``)."""
+    name = "probe"
+    verifier = None
+    event_log = None
+
+    def __init__(self):
+        from bookshop.metrics import Metrics
+        self.metrics = Metrics("probe")
+        self.inflight = set()
+
+    async def readiness(self):
+        return []
+
+
+async def fetch(http_client, base_url: str, path: str, **kw):
+    """pytest-tornado's client, answering errors with their response instead of raising."""
+    import tornado.httpclient
+    try:
+        return await http_client.fetch(base_url + path, **kw)
+    except tornado.httpclient.HTTPClientError as exc:
+        return exc.response
+
+
 def found(value) -> bool:
     """``until``'s test for checks that answer None for "not yet" (and may answer a falsy value, like [])."""
     return value is not None

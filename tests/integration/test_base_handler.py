@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-import tornado.httpclient
+from harness import ProbeContext, fetch
 
 from bookshop.app import make_app
 from bookshop.handlers.base import BaseHandler
@@ -18,21 +18,6 @@ from bookshop.validation import StrictModel
 class Echo(StrictModel):
     name: str
     count: int
-
-
-class Ctx:
-    """Just enough of a ServiceContext for the base handler."""
-    name = "probe"
-    verifier = None
-    event_log = None
-
-    def __init__(self):
-        from bookshop.metrics import Metrics
-        self.metrics = Metrics("probe")
-        self.inflight = set()
-
-    async def readiness(self):
-        return []
 
 
 class BoomHandler(BaseHandler):
@@ -60,14 +45,8 @@ class PrivateHandler(BaseHandler):
 
 @pytest.fixture
 def app():
-    return make_app(Ctx(), [(r"/boom", BoomHandler), (r"/conflict", ConflictHandler), (r"/private", PrivateHandler)])
-
-
-async def fetch(http_client, base_url, path, **kw):
-    try:
-        return await http_client.fetch(base_url + path, **kw)
-    except tornado.httpclient.HTTPClientError as exc:
-        return exc.response
+    return make_app(ProbeContext(), [(r"/boom", BoomHandler), (r"/conflict", ConflictHandler),
+                                     (r"/private", PrivateHandler)])
 
 
 @pytest.mark.gen_test

@@ -4,21 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import tornado.httpclient
+from harness import ProbeContext, fetch
 
 from bookshop.app import make_app
 from bookshop.handlers.base import BaseHandler
-from bookshop.metrics import Metrics
-
-
-class Ctx:
-    name = "probe"
-    verifier = None
-    event_log = None
-
-    def __init__(self):
-        self.metrics = Metrics("probe")
-        self.inflight = set()
 
 
 class EchoHandler(BaseHandler):
@@ -33,14 +22,7 @@ class EchoHandler(BaseHandler):
 
 @pytest.fixture
 def app():
-    return make_app(Ctx(), [(r"/echo", EchoHandler)])
-
-
-async def fetch(http_client, base_url, path, **kw):
-    try:
-        return await http_client.fetch(base_url + path, **kw)
-    except tornado.httpclient.HTTPClientError as exc:
-        return exc.response
+    return make_app(ProbeContext(), [(r"/echo", EchoHandler)])
 
 
 @pytest.mark.gen_test

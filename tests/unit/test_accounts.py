@@ -9,6 +9,7 @@ import time
 import argon2
 import jwt
 import pytest
+from harness import run
 
 from bookshop import auth
 from bookshop.services import accounts
@@ -170,14 +171,6 @@ def test_the_registration_counters_stay_bounded_under_many_addresses():
 
 
 # -- the bound on password hashes ------------------------------------------------------------------------
-def run(coro):
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
-
-
 def test_password_hashes_run_a_few_at_a_time_and_the_excess_is_refused_at_once():
     pool = accounts.HashPool(workers=2, queue=4)
     release = threading.Event()

@@ -10,6 +10,7 @@ import time
 
 import jwt
 import pytest
+from harness import run
 from cryptography.hazmat.primitives import serialization
 
 from bookshop import auth
@@ -37,15 +38,6 @@ class Loader:
     async def __call__(self):
         self.calls += 1
         return {"keys": [k["public_jwk"] for k in self.keys]}
-
-
-def run(coro):
-    # a private loop, closed here: asyncio.run would also reset the global loop under pytest-tornado's feet
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def b64(data: bytes) -> str:

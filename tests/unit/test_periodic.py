@@ -3,15 +3,9 @@ from __future__ import annotations
 
 import asyncio
 
+from harness import run
+
 from bookshop.services.periodic import Backoff, every, repeat
-
-
-def run(coro):
-    loop = asyncio.new_event_loop()  # a private loop: asyncio.run would drop pytest-tornado's unclosed
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def test_the_backoff_doubles_to_its_cap_with_jitter_and_starts_again_after_a_reset():

@@ -2,22 +2,14 @@
 the all-in-one mode always has one to hand its services."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
+from harness import run
 
 from bookshop import wiring
 from bookshop.app import ServiceContext
 from bookshop.settings import Settings, SettingsError
 from bookshop.supervisor import Supervisor
-
-
-def run(coro):
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 @pytest.mark.parametrize("service", ["catalog", "orders"])

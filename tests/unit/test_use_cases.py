@@ -2,9 +2,9 @@
 real repositories is tests/integration/test_repository_contracts.py)."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
+from harness import run
 from fakes import FakeBooks, FakeCharges, FakeLoginAttempts, FakeUsers
 
 from bookshop.services import accounts, errors
@@ -15,14 +15,6 @@ from bookshop.services.payments import RefundPayment
 from bookshop.services.recommendations import Recommend
 
 ISBN = "9780000000019"
-
-
-def run(coro):
-    loop = asyncio.new_event_loop()  # a private loop: asyncio.run would drop pytest-tornado's unclosed
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 async def shelf() -> FakeBooks:
