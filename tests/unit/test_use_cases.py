@@ -190,3 +190,29 @@ def test_a_login_with_a_hash_of_weaker_parameters_stores_it_anew_and_keeps_the_v
         assert stored.get("token_version", 0) == 0  # the same password: the account's logins stay
     finally:
         hashes.close()
+
+
+# -- Register ---------------------------------------------------------------------------------------------------
+def test_registration_is_limited_per_address_and_an_email_is_taken_once():
+    from bookshop.services.logins import Register
+    hashes = accounts.HashPool(workers=1, queue=4)
+    metrics = Counts()
+    users = FakeUsers()
+    register = Register(users, hashes, accounts.RegistrationLimit(2, clock=lambda: 0.0), metrics)
+
+    async def scenario():
+        ann = await register(" Ann@Example.com ", "s3cret-pass", " Ann ", "10.0.0.1")
+        assert ann["email"] == "ann@example.com" and ann["name"] == "Ann"
+        assert accounts.verify_password(ann["password_hash"], "s3cret-pass")
+        with pytest.raises(errors.Conflict):
+            await register("ann@example.com", "s3cret-pass", "Ann", "10.0.0.1")
+        with pytest.raises(errors.RateLimited):  # the address's third registration in the window
+            await register("bob@example.com", "s3cret-pass", "Bob", "10.0.0.1")
+        assert (await register("bob@example.com", "s3cret-pass", "Bob", "10.0.0.2"))["email"] == "bob@example.com"
+        with pytest.raises(errors.InvalidInput):
+            await register("carol@example.com", "short", "Carol", "10.0.0.3")
+    try:
+        run(scenario())
+        assert metrics.seen == ["users_registered"] * 2 and len(users.docs) == 2
+    finally:
+        hashes.close()
