@@ -57,7 +57,6 @@ class BooksHandler(CatalogBase):
         doc = await self.deps.books.add({**book, **catalog.search_words(book)})
         if doc is None:
             raise errors.Conflict(f"a book with ISBN {isbn} exists", code="isbn_exists")
-        self.ctx.relay.kick()
         log.info("book %s created", isbn)
         self.write_json(book_view(doc), 201)
 
@@ -83,7 +82,6 @@ class BookHandler(CatalogBase):
         if not changes:
             raise errors.InvalidInput("body: nothing to change", code="invalid_field", details={"field": "body"})
         doc = await self.deps.edit_book(isbn, catalog.check_book_fields(changes, self.ctx.settings.currency))
-        self.ctx.relay.kick()
         self.write_json(book_view(doc))
 
     async def delete(self, raw_isbn):
@@ -91,7 +89,6 @@ class BookHandler(CatalogBase):
         isbn = normalize_isbn(raw_isbn)
         if not await self.deps.books.delete(isbn):
             raise errors.NotFound("no such book", code="book_not_found")
-        self.ctx.relay.kick()
         log.info("book %s deleted", isbn)
         self.set_status(204)
         self.finish()
