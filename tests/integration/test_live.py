@@ -22,7 +22,7 @@ from bookshop.procs import free_port
 from bookshop.ws.hub import QUEUE_LIMIT
 from client import Api, fresh_isbn, next_frame, read_until
 from client import connect_ws as connect
-from harness import RUN_PY, Shop
+from harness import RUN_PY, Shop, found, until
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
@@ -519,15 +519,12 @@ async def test_a_gateway_restart_loses_nothing(own_shop):
             shop.start("gateway", wait=False)
 
         # back as soon as it listens, as a browser retrying would: maybe before it follows the services again
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while True:
+        async def reconnected():
             try:
-                ws = await connect(session, shop)
-                break
+                return await connect(session, shop)
             except aiohttp.ClientConnectionError:
-                assert loop.time() < deadline, "the gateway did not come back"
-                await asyncio.sleep(0.01)
+                return None
+        ws = await until(reconnected, 30, 0.01, done=found, describe=lambda: "the gateway did not come back")
         frames = await subscribe(ws, "inventory", after=last)
         await asyncio.to_thread(shop.wait_ready, "gateway")
         frames += await read_stock(ws, isbn, 3)
