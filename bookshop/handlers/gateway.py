@@ -153,8 +153,12 @@ class DashboardHandler(GatewayBase):
 
     def get(self):
         self.set_header("Content-Type", "text/html; charset=UTF-8")
+        # 'self' covers the page's own ws:/wss: origin (CSP Level 3); frame-ancestors and X-Frame-Options keep
+        # the page (its Ship, Cancel and Restock buttons) out of other sites' frames
         self.set_header("Content-Security-Policy",
-                        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:")
+                        "default-src 'self'; connect-src 'self'; img-src 'self' data:; object-src 'none'; "
+                        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+        self.set_header("X-Frame-Options", "DENY")
         with open(os.path.join(STATIC, "index.html"), "rb") as fh:
             self.finish(fh.read())
 
