@@ -3,17 +3,19 @@ and the exporter that posts it.
 
 Why not the SDK's own ``OTLPSpanExporter``: it builds a generated protobuf object for every span, attribute and
 value before serialising, about 40 µs of CPU per span here, more than the rest of a cached gateway request.
-This encoder writes the same bytes (the tests parse them with the generated classes and compare field by
-field with the SDK's encoding) at a fraction of that: attribute pairs that repeat (method, route, peer,
-database names) are encoded once and reused, the resource and scope once per batch.
+This encoder writes the same messages (the tests parse them with the generated classes and compare them
+with the SDK's encoding; ours also carries a link's trace state, which the SDK's leaves out) at a tenth of
+that: attribute pairs that repeat (method, route, peer, database names) are encoded once and reused, the
+resource and scope once per batch.
 
 The exporter honours the standard variables, traces-specific first:
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (used as is) or ``OTEL_EXPORTER_OTLP_ENDPOINT`` (+ ``/v1/traces``;
-default ``http://localhost:4318``), ``..._HEADERS`` (``k=v,k2=v2``, URL-encoded), ``..._TIMEOUT`` (seconds,
-default 10), ``..._COMPRESSION`` (``gzip`` or none), ``..._CERTIFICATE`` (a CA bundle for https) and
+default ``http://localhost:4318``), ``..._HEADERS`` (``k=v,k2=v2``, URL-encoded), ``..._TIMEOUT`` (default
+10 s; 100 or more is milliseconds as the specification counts, less is seconds as the Python SDK counts),
+``..._COMPRESSION`` (``gzip`` or none), ``..._CERTIFICATE`` (a CA bundle for https) and
 ``..._CLIENT_CERTIFICATE`` / ``..._CLIENT_KEY``. A post answered 429, 502, 503 or 504 (or not answered) is
 retried with exponential backoff (``Retry-After`` respected) until the timeout; any other failure drops the
-batch with one warning line, never the service.
+batch with one warning line (the endpoint without any credentials in it), never the service.
 """
 from __future__ import annotations
 
@@ -92,10 +94,12 @@ def _key_value(key: str, value: Any) -> bytes:
 
 
 class _Pairs:
-    """Encoded ``KeyValue`` fields by (key, value), for the pairs that repeat from span to span; bounded, so
-    that values unique to a span (paths, ids) cannot grow it without end."""
+    """Encoded ``KeyValue`` fields by (key, value), for the pairs that repeat from span to span. Keys whose
+    values are one a request (paths, URLs) are never kept; the rest is bounded, and emptied when full so
+    that what repeats now is what it holds."""
 
     LIMIT = 4096
+    UNIQUE = frozenset({"url.path", "url.full", "url.query", "http.target"})
 
     def __init__(self):
         self._cache: dict[tuple, bytes] = {}
@@ -105,9 +109,9 @@ class _Pairs:
             return b""
         cache, parts = self._cache, []
         for key, value in attributes.items():
-            ident: tuple | None = (number, key, type(value), value)
+            ident: tuple | None = None if key in self.UNIQUE else (number, key, type(value), value)
             try:
-                encoded = cache.get(ident)
+                encoded = cache.get(ident) if ident is not None else None
             except TypeError:  # a list or a dict: encoded each time
                 ident = encoded = None
             if encoded is None:
@@ -116,7 +120,9 @@ class _Pairs:
                 except (TypeError, ValueError) as exc:
                     log.warning("span attribute %s not exported: %s", key, exc)
                     continue
-                if ident is not None and len(cache) < self.LIMIT:
+                if ident is not None:
+                    if len(cache) >= self.LIMIT:
+                        cache.clear()
                     cache[ident] = encoded
             parts.append(encoded)
         return b"".join(parts)
@@ -174,8 +180,9 @@ class Encoder:
         named = self._names.get(key)
         if named is None:
             named = _text(5, key[0]) + b"\x30" + _varint(_SPAN_KIND[key[1]])
-            if len(self._names) < _Pairs.LIMIT:
-                self._names[key] = named
+            if len(self._names) >= _Pairs.LIMIT:
+                self._names.clear()
+            self._names[key] = named
         out += (named, b"\x39", _pack_fixed64(span.start_time or 0), b"\x41", _pack_fixed64(span.end_time or 0),
                 attrs(9, span.attributes))
         if span.dropped_attributes:
@@ -249,9 +256,10 @@ class SpanExporter:
         if not endpoint:
             endpoint = _env(env, "ENDPOINT", "http://localhost:4318").rstrip("/") + "/v1/traces"
         self.endpoint = endpoint
-        self.timeout = float(_env(env, "TIMEOUT", "10") or 10)
-        if self.timeout > 1000:  # some SDKs document milliseconds; nobody means a 17-minute wait
-            self.timeout /= 1000
+        parts = urllib.parse.urlsplit(endpoint)  # for log lines: without any user:password@
+        self._shown = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() \
+            if parts.hostname else "the collector"
+        self.timeout = _timeout(_env(env, "TIMEOUT"))
         self.gzip = _env(env, "COMPRESSION").lower() == "gzip"
         self._session = requests.Session()
         self._session.headers.update(_headers(_env(env, "HEADERS")))
@@ -296,7 +304,7 @@ class SpanExporter:
             except requests.RequestException as exc:
                 problem, retry, wait = type(exc).__name__, True, delay
             if not retry or self._stopped.is_set() or time.monotonic() + wait >= deadline:
-                log.warning("span export to %s failed (%s): batch dropped", self.endpoint, problem)
+                log.warning("span export to %s failed (%s): batch dropped", self._shown, problem)
                 return False
             if self._stopped.wait(wait * random.uniform(0.8, 1.2)):
                 return False
@@ -308,6 +316,19 @@ class SpanExporter:
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True  # nothing is buffered here: the processor in front holds the queue
+
+
+def _timeout(value: str) -> float:
+    """``OTEL_EXPORTER_OTLP_TIMEOUT`` in seconds. The specification counts milliseconds, the Python SDK
+    seconds: a value of 100 or more is read as milliseconds (nobody means a wait of minutes), a smaller one
+    as seconds (10, the SDK's default). Unset or not a positive number: 10 s."""
+    try:
+        number = float(value)
+    except ValueError:
+        return 10.0
+    if not number > 0:
+        return 10.0
+    return number / 1000 if number >= 100 else number
 
 
 def _retry_after(value: str | None, default: float) -> float:

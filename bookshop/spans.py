@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from typing import Iterator
+import logging
+from typing import Iterator, Mapping
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, sampling
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+log = logging.getLogger(__name__)
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
@@ -125,3 +128,49 @@ class LeanTracer(trace.Tracer):
         with trace.use_span(span, end_on_exit=end_on_exit, record_exception=record_exception,
                             set_status_on_exception=set_status_on_exception):
             yield span
+
+
+# -- the standard variables the tracer follows --------------------------------------------------------------
+_LIMITS = {"OTEL_ATTRIBUTE_COUNT_LIMIT": "max_attributes", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "max_span_attributes",
+           "OTEL_SPAN_EVENT_COUNT_LIMIT": "max_events", "OTEL_SPAN_LINK_COUNT_LIMIT": "max_links",
+           "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT": "max_event_attributes",
+           "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT": "max_link_attributes",
+           "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "max_attribute_length",
+           "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "max_span_attribute_length"}
+
+
+def limits_from(env: Mapping[str, str]) -> SpanLimits | None:
+    """The span limits ``env`` sets (``OTEL_*_LIMIT``), or None when it sets none: a ``LeanSpan`` applies no
+    limits, so a process given any is traced with the SDK's own spans, which apply them."""
+    given = {}
+    for name, field in _LIMITS.items():
+        value = env.get(name, "").strip()
+        if value:
+            try:
+                given[field] = int(value)
+            except ValueError:
+                log.warning("%s=%r is not a whole number: ignored", name, value)
+    return SpanLimits(**given) if given else None
+
+
+def sampler_from(env: Mapping[str, str]) -> sampling.Sampler | None:
+    """The sampler ``OTEL_TRACES_SAMPLER`` (and ``_ARG``) names, or None for the default
+    (``parentbased_always_on``), which ``LeanTracer`` decides inline. As the SDK: an unknown name is the
+    default, with a warning; a ratio that is not a number is 1."""
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if name in ("", "parentbased_always_on"):
+        return None
+    if name in ("traceidratio", "parentbased_traceidratio"):
+        try:
+            ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", ""))
+        except ValueError:
+            log.warning("OTEL_TRACES_SAMPLER_ARG is not a number: the ratio is 1")
+            ratio = 1.0
+        ratio = sampling.TraceIdRatioBased(min(max(ratio, 0.0), 1.0))
+        return ratio if name == "traceidratio" else sampling.ParentBased(ratio)
+    known = {"always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,
+             "parentbased_always_off": sampling.ParentBased(sampling.ALWAYS_OFF)}
+    if name not in known:
+        log.warning("OTEL_TRACES_SAMPLER=%r is not a sampler this SDK knows: parentbased_always_on", name)
+        return None
+    return known[name]

@@ -12,10 +12,11 @@ Export is off unless ``OTEL_TRACES_EXPORTER`` names an exporter (the SDK's own d
 nothing else, which is all that logs and propagation need, at a cost of a few microseconds a request. With
 export on, ``bookshop.spans.LeanTracer`` records spans (the SDK's ``ReadableSpan`` interface, at a quarter
 of the SDK span's cost) for the SDK's ``BatchSpanProcessor``, which ships them from a thread of its own:
-OTLP through ``bookshop.otlp`` (an encoder five times cheaper than the SDK's, same bytes), the console
+OTLP through ``bookshop.otlp`` (an encoder ten times cheaper than the SDK's, same messages), the console
 through the SDK's exporter. The standard variables apply: ``OTEL_EXPORTER_OTLP_*`` and their ``_TRACES_``
 forms (endpoint, headers, timeout, compression, certificates; the protocol is always http/protobuf),
-``OTEL_BSP_*`` (batching), ``OTEL_TRACES_SAMPLER``/``_ARG``, ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_BSP_*`` (batching), ``OTEL_TRACES_SAMPLER``/``_ARG``, the ``OTEL_*_LIMIT`` span limits (any of them set
+makes the SDK's own spans record, as they apply limits and ``LeanSpan`` does not), ``OTEL_RESOURCE_ATTRIBUTES``,
 ``OTEL_PROPAGATORS`` (W3C trace context only by default: no baggage), ``OTEL_SDK_DISABLED``. ``service.name``
 is the service's own name (``OTEL_SERVICE_NAME`` would give all seven services one name).
 
@@ -107,14 +108,18 @@ def setup(service: str, exporters: tuple[str, ...], env: Mapping[str, str] | Non
         _state.tracer, _state.recording, _state.provider = IdsOnlyTracer(), False, None
         return
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor, TracerProvider, sampling
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    from bookshop.spans import LeanTracer, limits_from, sampler_from
 
     resource = Resource.create({"service.namespace": "bookshop"}).merge(Resource({"service.name": service}))
     processors = SynchronousMultiSpanProcessor()
+    sampler, limits = sampler_from(env), limits_from(env)
     # no atexit hook: shutdown() flushes within a bound, where the SDK's own exit hook could wait on a dead
     # collector for the exporter's whole timeout
-    provider = TracerProvider(resource=resource, shutdown_on_exit=False, active_span_processor=processors)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False, active_span_processor=processors,
+                              sampler=sampler or sampling.DEFAULT_ON, span_limits=limits)
     if "otlp" in exporters:
         from bookshop import otlp
         processors.add_span_processor(BatchSpanProcessor(otlp.SpanExporter(env)))
@@ -126,9 +131,8 @@ def setup(service: str, exporters: tuple[str, ...], env: Mapping[str, str] | Non
         test_file = JsonLinesExporter(os.path.join(span_dir, f"{service}.jsonl"))
         processors.add_span_processor(SimpleSpanProcessor(test_file))
     trace.set_tracer_provider(provider)
-    from bookshop.spans import LeanTracer
-    default_sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() in ("", "parentbased_always_on")
-    _state.tracer = LeanTracer(resource, processors, None if default_sampler else provider.sampler)
+    # span limits are the SDK span's business (a LeanSpan applies none)
+    _state.tracer = provider.get_tracer("bookshop") if limits else LeanTracer(resource, processors, sampler)
     _state.recording, _state.provider = True, provider
     log.info("tracing: exporting spans (%s)", ", ".join(exporters + (("test file",) if span_dir else ())))
 

@@ -171,3 +171,21 @@ def test_an_unreachable_collector_gives_up_at_the_timeout():
                                   "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
     assert exporter.export(recorded_spans()) == SpanExportResult.FAILURE
     assert exporter.failed > 0
+
+
+def test_the_pair_cache_keeps_caching_what_repeats_and_never_per_request_values():
+    pairs = otlp._Pairs()
+    for n in range(3 * otlp._Pairs.LIMIT):
+        pairs.attributes(9, {"url.path": f"/api/v1/books/{n}", "peer": f"p{n}", "http.request.method": "GET"})
+    assert not any(key[1] == "url.path" for key in pairs._cache)
+    assert (9, "http.request.method", str, "GET") in pairs._cache  # still cached after the clears
+    assert len(pairs._cache) <= otlp._Pairs.LIMIT
+
+
+def test_the_timeout_reads_milliseconds_or_seconds_and_credentials_stay_out_of_the_log(caplog):
+    assert otlp._timeout("") == 10 and otlp._timeout("30") == 30 and otlp._timeout("500") == 0.5
+    assert otlp._timeout("10000") == 10 and otlp._timeout("-1") == 10 and otlp._timeout("soon") == 10
+    exporter = otlp.SpanExporter({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:s3cret@127.0.0.1:9",
+                                  "OTEL_EXPORTER_OTLP_TIMEOUT": "300"})
+    assert exporter.export(recorded_spans()) == SpanExportResult.FAILURE
+    assert "127.0.0.1:9" in caplog.text and "s3cret" not in caplog.text

@@ -96,3 +96,31 @@ def test_the_otlp_bytes_of_lean_spans_are_the_sdks(recorded):
     spans = memory.get_finished_spans()
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     assert ExportTraceServiceRequest.FromString(otlp.Encoder().request(spans)) == encode_spans(spans)
+
+
+def test_the_sampler_and_limits_come_from_the_standard_variables():
+    from bookshop.spans import limits_from, sampler_from
+    assert sampler_from({}) is None and sampler_from({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}) is None
+    assert sampler_from({"OTEL_TRACES_SAMPLER": "always_off"}) is sampling.ALWAYS_OFF
+    ratio = sampler_from({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    assert isinstance(ratio, sampling.ParentBased) and "0.25" in ratio.get_description()
+    assert sampler_from({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"}).rate == 1.0
+    assert sampler_from({"OTEL_TRACES_SAMPLER": "nonsense"}) is None
+    assert limits_from({}) is None
+    limits = limits_from({"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "2", "OTEL_SPAN_EVENT_COUNT_LIMIT": "bad"})
+    assert limits.max_span_attributes == 2
+
+
+def test_a_span_limit_set_makes_the_sdk_record_and_apply_it(monkeypatch, tmp_path):
+    from bookshop import tracing
+    env = {"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "2", tracing.TEST_SPAN_DIR: str(tmp_path)}
+    try:
+        tracing.setup("orders", (), env)
+        span = tracing._state.tracer.start_span("limited", attributes={"a": 1, "b": 2, "c": 3})
+        assert not isinstance(span, LeanSpan) and len(span.attributes) == 2
+        span.end()
+        tracing.setup("orders", (), {tracing.TEST_SPAN_DIR: str(tmp_path), "OTEL_TRACES_SAMPLER": "always_off"})
+        assert not tracing._state.tracer.start_span("dropped").is_recording()
+    finally:
+        tracing.shutdown()
+        tracing.setup("orders", (), {})
