@@ -183,12 +183,15 @@ class EventLog:
 
     async def latest_seq(self) -> int:
         meta = await self.meta.find_one({"_id": "relay"}, {"last_seq": 1})
-        return max(await self.tail_seq(), (meta or {}).get("last_seq", 0))
+        known = max((meta or {}).get("last_seq", 0), self.last_seen)  # seqs handed out: the tail is at least that
+        return await self.tail_seq(known)
 
-    async def tail_seq(self) -> int:
-        """The highest seq in ``events`` (0 when empty)."""
-        doc = await self.events.find_one({}, {"seq": 1}, sort=[("seq", -1)])
-        return doc["seq"] if doc else 0
+    async def tail_seq(self, after: int = 0) -> int:
+        """The highest seq in ``events`` above ``after`` (``after`` when there is none). A range on the seq index:
+        the embedded server answers an empty filter sorted by seq by reading and sorting every event (15 ms
+        with a thousand, each fallback pass of an idle shop), a range after a known seq with the few above it."""
+        docs = await self.events.find({"seq": {"$gt": after}}, {"seq": 1}).sort("seq", -1).limit(1).to_list(1)
+        return docs[0]["seq"] if docs else after
 
     async def oldest_seq(self) -> int:
         doc = await self.events.find_one({}, {"seq": 1}, sort=[("seq", 1)])
@@ -424,7 +427,7 @@ class Relay:
     async def look_around(self) -> None:
         """The fallback pass's look at the log's tail: events numbered by another process wake local
         readers, and tell the event log a change stream is worth opening."""
-        tail = await self.log.tail_seq()
+        tail = await self.log.tail_seq(self.log.last_seen)
         if tail > self.log.last_seen:
             self.log.saw_foreign_numbering()
             await self.log.notify(tail)
