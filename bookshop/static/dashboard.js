@@ -33,6 +33,10 @@
   const TITLE_FETCH_DELAY_MS = 300;       // give the books snapshot a chance to fill the cache first
   const TITLE_RETRY_AFTER_MS = 60000;
   const REFRESH_KEY = "bookshop.refresh"; // sessionStorage: the refresh token only
+  // The users service takes a refresh token presented again more than 10 s after its first use for a stolen
+  // one (docs/security.md): a lost refresh answer is tried again once, soon, and only well inside that grace.
+  const REFRESH_RETRY_MS = 2000;
+  const REFRESH_RETRY_WITHIN_MS = 8000;   // from the token's first use to the retry: 2 s of margin on the 10 s
   const CONFIRM_CANCEL_MS = 4000;
   const TOTALS_GAP_MS = 1000;             // at most one read of today's totals a second, however busy the shop
   const TOTALS_SETTLE_MS = 80;            // an order's events come in twos (created, decided): read after both
@@ -61,6 +65,8 @@
     expiresAt: 0,          // ms since epoch
     refreshTimer: null,
     refreshing: null,      // the in-flight refresh promise, shared by every caller
+    generation: 0,         // moves on at each sign-out: an answer for an older sign-in is dropped
+    firstUse: null,        // { token, at, retried }: when the current refresh token was first sent
   };
 
   const conn = {
@@ -282,6 +288,8 @@
   }
 
   function clearSession() {
+    session.generation += 1; // whatever is still in flight for this sign-in is no longer ours to keep
+    session.firstUse = null;
     clearTimeout(session.refreshTimer);
     session.accessToken = session.refreshToken = null;
     session.expiresAt = 0;
@@ -304,28 +312,54 @@
     }, delay);
   }
 
-  /** One refresh at a time; concurrent callers share the same promise. A refused refresh signs out. */
+  /** One refresh at a time; concurrent callers share the same promise. A refused refresh signs out.
+   *
+   * The users service rotates the refresh token on each use, and takes the same token presented again more
+   * than 10 s after its first use for theft (it ends the login everywhere). So a refresh
+   * whose answer was lost (network error, 5xx, 429) is tried again once, REFRESH_RETRY_MS later and only while
+   * that is still well inside the grace (REFRESH_RETRY_WITHIN_MS); after that the page signs out rather than look like a stolen token.
+   *
+   * An answer that arrives after a sign-out belongs to a sign-in that has ended: it is dropped, and the
+   * refresh token it carries is revoked, so neither the page nor the server keeps anything of it. */
   function refreshTokens() {
     if (session.refreshing) return session.refreshing;
     if (!session.refreshToken) return Promise.reject(new ApiError(401, "no_refresh_token", "Not signed in."));
     const refreshToken = session.refreshToken;
-    session.refreshing = apiRequest("POST", "/tokens/refresh", { refresh_token: refreshToken })
+    const generation = session.generation;
+    if (!session.firstUse || session.firstUse.token !== refreshToken) {
+      session.firstUse = { token: refreshToken, at: Date.now(), retried: false };
+    }
+    const pending = apiRequest("POST", "/tokens/refresh", { refresh_token: refreshToken })
       .then((tokens) => {
+        if (generation !== session.generation) {
+          revokeQuietly(tokens.refresh_token);
+          throw new ApiError(401, "signed_out", "Signed out.");
+        }
         storeTokens(tokens);
         return tokens;
-      })
-      .catch((err) => {
+      }, (err) => {
+        if (generation !== session.generation) throw err; // signed out meanwhile: nothing to retry or end
         if (err.status === 0 || err.status >= 500 || err.status === 429) {
-          // Transient: keep the session and try again shortly rather than dropping the user.
-          clearTimeout(session.refreshTimer);
-          session.refreshTimer = setTimeout(() => refreshTokens().then(sendAuth).catch(() => {}), 10000);
+          const use = session.firstUse;
+          if (use && use.token === refreshToken && !use.retried
+              && Date.now() + REFRESH_RETRY_MS - use.at < REFRESH_RETRY_WITHIN_MS) {
+            use.retried = true;
+            clearTimeout(session.refreshTimer);
+            session.refreshTimer = setTimeout(() => refreshTokens().then(sendAuth).catch(() => {}),
+              REFRESH_RETRY_MS);
+          } else if (session.refreshToken === refreshToken) {
+            signOut("Your session could not be renewed — please sign in again.");
+          }
         } else if (session.refreshToken === refreshToken) {
           signOut("Your session has ended — please sign in again.", { revoke: false });
         }
         throw err;
       })
-      .finally(() => { session.refreshing = null; });
-    return session.refreshing;
+      .finally(() => {
+        if (session.refreshing === pending) session.refreshing = null; // not a newer sign-in's refresh
+      });
+    session.refreshing = pending;
+    return pending;
   }
 
   /** A token that is (nearly) expired is refreshed before being sent, e.g. after the laptop slept. */
@@ -336,7 +370,9 @@
   }
 
   async function loadCurrentUser() {
+    const generation = session.generation;
     const me = await apiRequest("GET", "/users/me", undefined, { auth: true });
+    if (generation !== session.generation) throw new ApiError(401, "signed_out", "Signed out.");
     dashboard.user = me;
     renderAccount();
     syncOrderSubscription();
@@ -397,17 +433,7 @@
   /** Revokes the login at the server (every refresh token of this sign-in), forgets it here, clears private
    * data and reconnects anonymously (the socket has no "de-auth" op). */
   function signOut(message, { revoke = true } = {}) {
-    const refreshToken = session.refreshToken;
-    if (revoke && refreshToken) {
-      // keepalive: the revocation is sent even if the tab is closing
-      fetch(API + "/tokens/revoke", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify({ refresh_token: refreshToken }),
-        keepalive: true,
-        credentials: "same-origin",
-      }).catch(() => { /* the tokens are forgotten here anyway; the refresh token expires on its own */ });
-    }
+    if (revoke && session.refreshToken) revokeQuietly(session.refreshToken);
     clearSession();
     dashboard.user = null;
     conn.socketRole = null;
@@ -423,6 +449,18 @@
     renderAccount();
     showAuthError(message || "");
     reconnectNow();
+  }
+
+  /** Ends a login at the server (every refresh token of its family); keepalive: sent even if the tab closes. */
+  function revokeQuietly(refreshToken) {
+    if (!refreshToken) return;
+    fetch(API + "/tokens/revoke", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify({ refresh_token: refreshToken }),
+      keepalive: true,
+      credentials: "same-origin",
+    }).catch(() => { /* the tokens are forgotten here anyway; the refresh token expires on its own */ });
   }
 
   function renderAccount() {

@@ -375,6 +375,8 @@ def test_the_gateway_back_before_the_inventory_service_says_so_then_goes_live(br
         with page.expect_console_message(lambda msg: "server error unavailable" in msg.text, timeout=WAIT_MS):
             live_shop.kill("gateway", signal.SIGTERM)
             live_shop.start("gateway")
+        # a one-shot look (a 1 ms deadline), not a wait: with inventory down the page cannot be live, so the
+        # state is whatever it shows now, and "reconnecting" or "unavailable" are both right
         expect(page.locator("#conn-state")).not_to_have_text("live", timeout=1)
         live_shop.start("inventory")
         expect(page.locator("#conn-state")).to_have_text("live", timeout=30000)
@@ -434,5 +436,95 @@ def test_a_new_epoch_while_the_page_was_away_reloads_the_stock_and_says_so(brows
         expect(watched.row(isbn).locator('td[data-col="available"]')).to_have_text(str(level["available"]))
         assert level["available"] == 7
         assert [e for e in watched.errors if e.startswith("pageerror")] == []
+    finally:
+        context.close()
+
+
+def until(check, page, what: str):
+    """Waits (polling through the page's own clock, up to WAIT_MS) for a test-side condition, e.g. a route
+    handler having run; fails with ``what`` at the deadline."""
+    for _ in range(WAIT_MS // 25):
+        if check():
+            return
+        page.wait_for_timeout(25)
+    raise AssertionError(f"not seen within {WAIT_MS} ms: {what}")
+
+
+def reload_holding_the_refresh(page, held: list, later=lambda route: route.continue_()) -> None:
+    """Reloads a signed-in page with its refresh (start() sends one at once) held in ``held[0]``; later
+    refreshes are recorded there too and handled by ``later`` (they go through)."""
+    def hold_the_first(route):
+        held.append(route)
+        if len(held) > 1:
+            later(route)
+    page.route("**/api/v1/tokens/refresh", hold_the_first)
+    page.reload()
+    until(lambda: held, page, "the refresh start() sends on a reload")
+
+
+@in_chromium
+def test_signing_out_while_a_refresh_is_in_flight_stays_signed_out(browser, live_shop):
+    context = browser.new_context()
+    try:
+        watched = Watched(context, live_shop).open().sign_in()
+        page = watched.page
+        held: list = []
+        reload_holding_the_refresh(page, held)
+        answer = held[0].fetch()  # the users service rotates the token now; the page has not heard yet
+        assert answer.status == 200, answer.text()
+        late_refresh_token = answer.json()["refresh_token"]
+        page.click("#signout-button")
+        expect(page.locator("#signin-form")).to_be_visible(timeout=WAIT_MS)
+        # the late answer arrives: the page drops it and revokes the refresh token it carries
+        with page.expect_request(lambda r: r.url.endswith("/tokens/revoke")
+                                 and late_refresh_token in (r.post_data or ""), timeout=WAIT_MS):
+            held[0].fulfill(response=answer)
+        expect(page.locator("#signin-form")).to_be_visible()
+        expect(page.locator("#user-panel")).to_be_hidden()
+        assert page.evaluate("sessionStorage.getItem('bookshop.refresh')") is None
+        assert watched.dashboard("subscriptions.orders") is None
+        assert watched.dashboard("user") is None
+        assert [e for e in watched.errors if e.startswith("pageerror")] == []
+    finally:
+        context.close()
+
+
+@in_chromium
+def test_a_lost_refresh_answer_is_retried_soon_enough_not_to_look_like_a_stolen_token(browser, live_shop):
+    context = browser.new_context()
+    try:
+        watched = Watched(context, live_shop).open().sign_in()
+        page = watched.page
+        held: list = []
+        reload_holding_the_refresh(page, held)
+        lost = held[0].fetch()  # the server rotated the token, but the answer never reaches the page
+        assert lost.status == 200, lost.text()
+        lost_refresh_token = lost.json()["refresh_token"]
+        held[0].abort()
+        # the retry presents the same (now used) token inside the 10 s grace: refused quietly, so this page
+        # asks to sign in again and the login is not ended as stolen
+        expect(page.locator("#auth-error")).to_contain_text("Your session has ended", timeout=WAIT_MS)
+        expect(page.locator("#signin-form")).to_be_visible()
+        assert len(held) == 2, [r.request.url for r in held]
+        # no theft alarm: the token of the lost answer still works (a reuse after the grace revokes the login)
+        again = call("POST", live_shop.api + "/tokens/refresh", {"refresh_token": lost_refresh_token})
+        call("POST", live_shop.api + "/tokens/revoke", {"refresh_token": again["refresh_token"]})
+    finally:
+        context.close()
+
+
+@in_chromium
+def test_a_refresh_the_network_keeps_failing_gives_up_to_signed_out(browser, live_shop):
+    context = browser.new_context()
+    try:
+        watched = Watched(context, live_shop).open().sign_in()
+        page = watched.page
+        held: list = []
+        reload_holding_the_refresh(page, held, later=lambda route: route.abort())  # the network is down
+        held[0].abort()
+        expect(page.locator("#auth-error")).to_contain_text("could not be renewed", timeout=WAIT_MS)
+        expect(page.locator("#signin-form")).to_be_visible()
+        assert len(held) == 2, "one retry, then signed out"
+        assert page.evaluate("sessionStorage.getItem('bookshop.refresh')") is None
     finally:
         context.close()
