@@ -6,8 +6,10 @@ the orders' histories (``{status, at}`` entries), so every rule here is unit-tes
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
+import time
 import zoneinfo
 from typing import Any, AsyncIterable, Callable, Iterable, Protocol
 
@@ -127,21 +129,59 @@ class OrdersSince(Protocol):
 
 
 class TodaysTotals:
-    """The use case behind ``GET /api/v1/orders/summary``: today's totals, in the shop's time zone."""
+    """The use case behind ``GET /api/v1/orders/summary``: today's totals, in the shop's time zone.
+
+    A read walks every order of the day, and every staff page asks after each burst of order events, all at
+    about the same moment. So there is one read at a time, shared by every caller it can answer: an answer
+    is given to a caller only when its read began at most ``MAX_AGE`` before the caller asked, whether that
+    read is still running or has finished. A caller that finds an older read running waits for it to end, and
+    then shares the next one. ``MAX_AGE`` is shorter than the 80 ms a page waits after an order event before
+    it asks (``TOTALS_SETTLE_MS`` in dashboard.js), so the answer to that question always comes from a read
+    begun after the event's order was written: sharing never hides an order from a page."""
+
+    MAX_AGE = 0.05  # seconds (of ``clock``)
 
     def __init__(self, orders: OrdersSince, zone: zoneinfo.ZoneInfo, currency: str,
-                 now: Callable[[], datetime.datetime]):
+                 now: Callable[[], datetime.datetime], clock: Callable[[], float] = time.monotonic):
         self.orders = orders
         self.zone = zone
         self.currency = currency
         self.now = now
+        self.clock = clock
+        self._running: asyncio.Future | None = None  # the read in flight
+        self._running_since = 0.0
+        self._last: tuple[float, dict] | None = None  # (when its read began, the answer)
 
     async def today(self) -> dict:
+        asked = self.clock()
+        while True:
+            if self._last is not None and asked - self._last[0] <= self.MAX_AGE:
+                return self._last[1]
+            running = self._running
+            if running is None:
+                self._running_since = self.clock()
+                running = self._running = asyncio.ensure_future(self._read(self._running_since))
+            elif asked - self._running_since > self.MAX_AGE:
+                await asyncio.wait([running])  # too old for this caller: one read at a time, then the next
+                continue
+            # shielded: a caller that goes away (a closed connection) does not cancel the others' answer
+            return await asyncio.shield(running)
+
+    async def _read(self, began: float) -> dict:
+        try:
+            answer = await self.count()
+            self._last = (began, answer)
+            return answer
+        finally:
+            self._running = None
+
+    async def count(self) -> dict:
         now = self.now()
         totals = Totals(shop_day(now, self.zone), self.currency, chart_start(now))
         # What counts today was placed today (or within DECIDED_WITHIN before, for the confirmations), or was
-        # shipped or cancelled today however old; the chart may reach back into yesterday. An order confirmed
-        # longer than that after it was placed (recovered after a long outage) is not counted as confirmed.
+        # shipped or cancelled today however old; the chart may reach back into yesterday. An order placed
+        # more than that before midnight (or the chart's start) and confirmed today (recovered after a long
+        # outage) is not counted as confirmed.
         placed_since = min(totals.day.start, totals.chart_start) - DECIDED_WITHIN
         async for order in self.orders.touched_since(placed_since, totals.day.start):
             totals.add(order)

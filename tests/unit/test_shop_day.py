@@ -1,12 +1,13 @@
 """Today's totals without a server: the shop's day in its time zone, and what each order's history counts."""
 from __future__ import annotations
 
+import asyncio
 import datetime
 import zoneinfo
 
 import pytest
 
-from bookshop.services.stats import CHART_MINUTES, Totals, chart_start, shop_day
+from bookshop.services.stats import CHART_MINUTES, TodaysTotals, Totals, chart_start, shop_day
 from bookshop.settings import Settings, SettingsError
 
 UTC = datetime.timezone.utc
@@ -95,3 +96,104 @@ def test_bookshop_timezone_is_an_iana_name_checked_at_start_up():
     for bad in ("Mars/Olympus", "UTC+1", "../../etc/passwd", "Europe/"):
         with pytest.raises(SettingsError, match="BOOKSHOP_TIMEZONE must be an IANA time zone name"):
             Settings.from_env({"BOOKSHOP_TIMEZONE": bad})
+
+
+class CountingOrders:
+    """A fake orders repository that counts its reads, how many run at once, and can hold them."""
+
+    def __init__(self):
+        self.reads = self.running = self.most_at_once = 0
+        self.orders: list[dict] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def touched_since(self, placed_since, finished_since):
+        self.reads += 1
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await self.gate.wait()
+            for doc in list(self.orders):
+                yield doc
+        finally:
+            self.running -= 1
+
+
+class Clock:
+    def __init__(self):
+        self.seconds = 100.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+async def settle() -> None:
+    """Lets every task that can run, run (no time passes: the clock is the test's)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def use_case(orders: CountingOrders, clock: Clock) -> TodaysTotals:
+    now = at("2026-12-02T15:00:00+01:00")
+    return TodaysTotals(orders, PARIS, "EUR", lambda: now, clock=clock)
+
+
+def confirmed_today() -> dict:
+    return order("CONFIRMED", created="2026-12-02T14:00:00+01:00", confirmed="2026-12-02T14:00:01+01:00")
+
+
+def test_many_pages_asking_at_once_share_one_read():
+    async def main():
+        orders, clock = CountingOrders(), Clock()
+        totals = use_case(orders, clock)
+        answers = await asyncio.gather(*(totals.today() for _ in range(50)))
+        assert orders.reads == 1
+        assert all(answer is answers[0] for answer in answers)
+        clock.seconds += TodaysTotals.MAX_AGE / 2  # a page asking just after: the same answer
+        assert await totals.today() is answers[0] and orders.reads == 1
+    asyncio.run(main())
+
+
+def test_a_shared_answer_never_comes_from_a_read_begun_long_before_the_question():
+    async def main():
+        orders, clock = CountingOrders(), Clock()
+        totals = use_case(orders, clock)
+        assert (await totals.today())["orders_confirmed"] == 0
+        orders.orders.append(confirmed_today())  # an order written after that read
+        clock.seconds += TodaysTotals.MAX_AGE * 2  # the page asks 80 ms after the order's events
+        assert (await totals.today())["orders_confirmed"] == 1 and orders.reads == 2
+    asyncio.run(main())
+
+
+def test_a_question_during_an_older_read_waits_for_it_then_shares_the_next_one():
+    async def main():
+        orders, clock = CountingOrders(), Clock()
+        totals = use_case(orders, clock)
+        orders.gate.clear()  # a slow read of a busy day
+        first = asyncio.ensure_future(totals.today())
+        await settle()
+        assert orders.reads == 1
+        orders.orders.append(confirmed_today())  # written while the first read runs (it may miss it)
+        clock.seconds += TodaysTotals.MAX_AGE * 2
+        later = [asyncio.ensure_future(totals.today()) for _ in range(10)]
+        await settle()
+        assert orders.reads == 1, "no second read while one runs"
+        orders.gate.set()
+        await first
+        answers = await asyncio.gather(*later)
+        assert orders.reads == 2 and orders.most_at_once == 1
+        assert all(answer["orders_confirmed"] == 1 for answer in answers)
+    asyncio.run(main())
+
+
+def test_a_caller_that_goes_away_does_not_cancel_the_read_the_others_wait_for():
+    async def main():
+        orders, clock = CountingOrders(), Clock()
+        totals = use_case(orders, clock)
+        orders.gate.clear()
+        gone, staying = asyncio.ensure_future(totals.today()), asyncio.ensure_future(totals.today())
+        await settle()
+        gone.cancel()
+        orders.gate.set()
+        assert (await staying)["orders_confirmed"] == 0 and orders.reads == 1
+    asyncio.run(main())
