@@ -226,8 +226,8 @@ class OrderRepo:
         the caller then takes the general form."""
         history, held_todo, idem = order.get("history"), order.get("todo"), order.get("idem")
         if not isinstance(history, list) or not isinstance(held_todo, list) or not (idem is None or isinstance(
-                idem, dict) and "key" in idem and "legacy" not in idem):
-            return None
+                idem, dict) and "key" in idem and "legacy" not in idem) or not isinstance(order.get("payment"), dict):
+            return None  # a shape the general form handles (an order of an earlier version)
         new_todo = held_todo + [t for t in dict.fromkeys(todo or []) if t not in held_todo]
         query: dict = {"_id": order["_id"], "status": order["status"], "history": {"$size": len(history)},
                        "todo": {"$size": len(held_todo)}}
