@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for readers and type checkers
     from bookshop.services.catalog import CursorCodec
     from bookshop.services.checkout import Checkout
     from bookshop.services.place_order import PlaceOrders
+    from bookshop.services.stats import TodaysTotals
     from bookshop.services.inventory import Reservations
     from bookshop.services.recommendations import Learner, Recommend
     from bookshop.storage.catalog import BookRepo
@@ -66,6 +67,7 @@ class OrdersDeps:
     carts: CartRepo
     checkout: Checkout
     place_orders: PlaceOrders
+    totals: TodaysTotals  # GET /orders/summary (bookshop/handlers/stats.py)
     cursors: CursorCodec
     catalog: CatalogClient
     inventory: InventoryClient

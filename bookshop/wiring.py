@@ -164,7 +164,11 @@ async def _orders(ctx: ServiceContext) -> tuple[OrdersDeps, list]:
                             "recover order", order.get("traceparent"), {"order.id": order["_id"]}))
     carts = CartRepo(ctx.db)
     place_orders = PlaceOrders(checkout, repo, carts, ctx.settings.checkout_wait, status_of)
-    deps = OrdersDeps(orders=repo, carts=carts, checkout=checkout, place_orders=place_orders,
+    # today's totals for the staff dashboard, in the shop's time zone
+    order_stats = OrderStatsRepo(ctx.db)
+    await order_stats.create_indexes()
+    totals = TodaysTotals(order_stats, ctx.settings.zone, ctx.settings.currency, utcnow)
+    deps = OrdersDeps(orders=repo, carts=carts, checkout=checkout, place_orders=place_orders, totals=totals,
                       cursors=CursorCodec(ctx.settings.service_secret), catalog=catalog, inventory=inventory,
                       payments=payments)
     # the recovery pass also sets the gauge saga_recovery_backlog (deploy/monitoring): no query of its own
@@ -174,11 +178,7 @@ async def _orders(ctx: ServiceContext) -> tuple[OrdersDeps, list]:
         if checkout.tasks:
             await asyncio.wait(list(checkout.tasks.values()), timeout=3.0)
     ctx.on_shutdown.insert(0, finish_sagas)
-    # today's totals for the staff dashboard, in the shop's time zone
-    order_stats = OrderStatsRepo(ctx.db)
-    await order_stats.create_indexes()
-    totals = TodaysTotals(order_stats, ctx.settings.zone, ctx.settings.currency, utcnow)
-    return deps, stats.routes(totals) + orders.routes()
+    return deps, stats.routes() + orders.routes()
 
 
 async def _payments(ctx: ServiceContext) -> tuple[PaymentsDeps, list]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 from typing import AsyncIterator
 
-import pymongo.errors
 from bson import ObjectId
 
 FIELDS = {"status": 1, "total_cents": 1, "created_at": 1, "history.status": 1, "history.at": 1}
@@ -25,10 +24,6 @@ class OrderStatsRepo:
         # shipping and cancelling write to it, not a checkout's insert and confirmation.
         await self.orders.create_index("updated_at", name="finished_at",
                                        partialFilterExpression={"status": {"$in": FINISHED}})
-        try:
-            await self.orders.drop_index("updated_at")  # of every order, which each checkout paid for
-        except pymongo.errors.OperationFailure:
-            pass  # not there (the usual case)
 
     async def touched_since(self, placed_since: datetime.datetime, finished_since: datetime.datetime
                             ) -> AsyncIterator[dict]:

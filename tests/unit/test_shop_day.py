@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import zoneinfo
 
 import pytest
 
+from bookshop.deps import OrdersDeps
+from bookshop.handlers import stats
 from bookshop.services.stats import CHART_MINUTES, TodaysTotals, Totals, chart_start, shop_day
 from bookshop.settings import Settings, SettingsError
 
@@ -197,3 +200,11 @@ def test_a_caller_that_goes_away_does_not_cancel_the_read_the_others_wait_for():
         orders.gate.set()
         assert (await staying)["orders_confirmed"] == 0 and orders.reads == 1
     asyncio.run(main())
+
+
+def test_the_summary_route_reads_its_use_case_from_the_orders_deps():
+    # like every other handler (STYLE.md): one frozen dataclass of collaborators, no route kwargs of its own
+    assert "totals" in {field.name for field in dataclasses.fields(OrdersDeps)}
+    [(pattern, handler, *kwargs)] = stats.routes()
+    assert pattern == r"/api/v1/orders/summary" and kwargs == []
+    assert handler.__annotations__["deps"] in ("OrdersDeps", OrdersDeps)
