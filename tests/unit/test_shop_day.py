@@ -12,6 +12,7 @@ from bookshop.deps import OrdersDeps
 from bookshop.handlers import stats
 from bookshop.services.stats import CHART_MINUTES, TodaysTotals, Totals, chart_start, shop_day
 from bookshop.settings import Settings, SettingsError
+from harness import run
 
 UTC = datetime.timezone.utc
 PARIS = zoneinfo.ZoneInfo("Europe/Paris")
@@ -154,7 +155,7 @@ def test_many_pages_asking_at_once_share_one_read():
         assert all(answer is answers[0] for answer in answers)
         clock.seconds += TodaysTotals.MAX_AGE / 2  # a page asking just after: the same answer
         assert await totals.today() is answers[0] and orders.reads == 1
-    asyncio.run(main())
+    run(main())  # a private loop, closed (asyncio.run would drop pytest-tornado's)
 
 
 def test_a_shared_answer_never_comes_from_a_read_begun_long_before_the_question():
@@ -165,7 +166,7 @@ def test_a_shared_answer_never_comes_from_a_read_begun_long_before_the_question(
         orders.orders.append(confirmed_today())  # an order written after that read
         clock.seconds += TodaysTotals.MAX_AGE * 2  # the page asks 80 ms after the order's events
         assert (await totals.today())["orders_confirmed"] == 1 and orders.reads == 2
-    asyncio.run(main())
+    run(main())  # a private loop, closed (asyncio.run would drop pytest-tornado's)
 
 
 def test_a_question_during_an_older_read_waits_for_it_then_shares_the_next_one():
@@ -186,7 +187,7 @@ def test_a_question_during_an_older_read_waits_for_it_then_shares_the_next_one()
         answers = await asyncio.gather(*later)
         assert orders.reads == 2 and orders.most_at_once == 1
         assert all(answer["orders_confirmed"] == 1 for answer in answers)
-    asyncio.run(main())
+    run(main())  # a private loop, closed (asyncio.run would drop pytest-tornado's)
 
 
 def test_a_caller_that_goes_away_does_not_cancel_the_read_the_others_wait_for():
@@ -199,7 +200,7 @@ def test_a_caller_that_goes_away_does_not_cancel_the_read_the_others_wait_for():
         gone.cancel()
         orders.gate.set()
         assert (await staying)["orders_confirmed"] == 0 and orders.reads == 1
-    asyncio.run(main())
+    run(main())  # a private loop, closed (asyncio.run would drop pytest-tornado's)
 
 
 def test_the_summary_route_reads_its_use_case_from_the_orders_deps():
