@@ -17,13 +17,14 @@ if TYPE_CHECKING:  # pragma: no cover - names for readers and type checkers
                                            RecommendationsClient, UsersClient)
     from bookshop.services.accounts import TokenIssuer
     from bookshop.services.books import EditBook, SearchBooks
-    from bookshop.services.logins import ChangePassword, Login, Refresh, Register
     from bookshop.services.catalog import CursorCodec
     from bookshop.services.checkout import Checkout
-    from bookshop.services.place_order import PlaceOrders
-    from bookshop.services.stats import TodaysTotals
     from bookshop.services.inventory import Reservations
+    from bookshop.services.logins import ChangePassword, Login, Refresh, Register
+    from bookshop.services.payments import RefundPayment
+    from bookshop.services.place_order import PlaceOrders
     from bookshop.services.recommendations import Learner, Recommend
+    from bookshop.services.stats import TodaysTotals
     from bookshop.storage.catalog import BookRepo
     from bookshop.storage.inventory import LevelRepo
     from bookshop.storage.orders import CartRepo, OrderRepo
@@ -77,6 +78,7 @@ class OrdersDeps:
 @frozen
 class PaymentsDeps:
     charges: ChargeRepo
+    refund_payment: RefundPayment
 
 
 @frozen

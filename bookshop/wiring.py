@@ -183,9 +183,11 @@ async def _orders(ctx: ServiceContext) -> tuple[OrdersDeps, list]:
 
 async def _payments(ctx: ServiceContext) -> tuple[PaymentsDeps, list]:
     from bookshop.handlers import payments
+    from bookshop.services.payments import RefundPayment
     from bookshop.storage.payments import ChargeRepo
     ctx.use_remote_keys()
-    return PaymentsDeps(charges=ChargeRepo(ctx.db)), payments.routes()
+    charges = ChargeRepo(ctx.db)
+    return PaymentsDeps(charges=charges, refund_payment=RefundPayment(charges)), payments.routes()
 
 
 async def _recommendations(ctx: ServiceContext) -> tuple[RecommendationsDeps, list]:

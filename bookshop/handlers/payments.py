@@ -13,6 +13,7 @@ import random
 from bookshop.deps import PaymentsDeps
 from bookshop.handlers.base import BaseHandler
 from bookshop.services import cards, errors
+from bookshop.services.views import charge_view
 from bookshop.validation import StrictModel
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,6 @@ class ChargeRequest(StrictModel):
     amount_cents: int
     currency: str
     card: Card
-
-
-def charge_view(doc: dict) -> dict:
-    return {"order_id": doc["_id"], "status": doc["status"], "reason": doc.get("reason"),
-            "amount_cents": doc.get("amount_cents"), "currency": doc.get("currency"), "last4": doc.get("last4"),
-            "refunded": doc.get("refunded", False),
-            "ledger": [{"kind": e["kind"], "amount_cents": e["amount_cents"],
-                        "at": e["at"].isoformat(timespec="milliseconds").replace("+00:00", "Z")}
-                       for e in doc.get("ledger", [])]}
 
 
 class ChargesHandler(PaymentsBase):
@@ -88,20 +80,10 @@ class ChargeHandler(PaymentsBase):
 class RefundHandler(PaymentsBase):
     async def post(self, order_id):
         self.require("service")
-        repo = self.deps.charges
-        while True:
-            doc = await repo.refund(order_id)
-            if doc is not None:
-                self.ctx.metrics.count("refunds")
-                log.info("order %s refunded", order_id)
-                break
-            doc = await repo.get(order_id)
-            if doc is not None:
-                break  # declined, voided or refunded already
-            if await repo.void(order_id):  # never charged: make sure a late charge is refused
-                doc = await repo.get(order_id)
-                break
-            # a charge landed between our read and the void: go round and refund it
+        doc, refunded = await self.deps.refund_payment(order_id)
+        if refunded:
+            self.ctx.metrics.count("refunds")
+            log.info("order %s refunded", order_id)
         self.write_json(charge_view(doc))
 
 

@@ -20,7 +20,7 @@ def test_every_service_builder_returns_its_own_dependencies_class():
 
 
 def test_dependencies_cannot_be_replaced_after_wiring():
-    d = deps.PaymentsDeps(charges=object())
+    d = deps.PaymentsDeps(charges=object(), refund_payment=object())
     with pytest.raises(dataclasses.FrozenInstanceError):
         d.charges = object()
 
