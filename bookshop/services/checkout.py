@@ -580,7 +580,7 @@ class Checkout:
             await self.cancel(order, "checkout_interrupted", todo=["payment", "stock"])
         self._count("orders_recovered")
 
-    async def recover_forever(self, stop: asyncio.Event, every: float = 3.0, busy_every: float = 1.0) -> None:
+    async def recover_forever(self, stop: asyncio.Event, every: float = 5.0, busy_every: float = 1.0) -> None:
         """A recovery pass every ``every`` seconds; every ``busy_every`` while work is left over (compensations
         waiting for an upstream to come back), so that it is paid soon after it can be."""
         try:
