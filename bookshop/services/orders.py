@@ -32,20 +32,6 @@ class PaymentStatus(str, enum.Enum):
 SYSTEM = "system"  # who acted, in history entries, for the saga and recovery
 
 
-TRANSITIONS = {
-    OrderStatus.PENDING: {OrderStatus.CONFIRMED, OrderStatus.CANCELLED},
-    OrderStatus.CONFIRMED: {OrderStatus.SHIPPED, OrderStatus.CANCELLED},
-    OrderStatus.SHIPPED: set(),
-    OrderStatus.CANCELLED: set(),
-}
-
-
-def check_transition(current: OrderStatus, target: OrderStatus) -> None:
-    if target not in TRANSITIONS[current]:
-        raise Conflict(f"an order that is {current.value} cannot become {target.value}",
-                       code="invalid_status_transition", details={"status": current.value})
-
-
 @dataclasses.dataclass(frozen=True)
 class PricedLine:
     isbn: str

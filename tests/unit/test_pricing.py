@@ -1,10 +1,11 @@
-"""Pricing, the "buy two, get one free" promotion, order lines and the order state machine (no I/O)."""
+"""Pricing, the "buy two, get one free" promotion, order lines (no I/O; the order state machine is
+decided by the saga: tests/unit/test_checkout_saga.py, tests/integration/test_checkout.py)."""
 import pytest
 
 from bookshop.services.errors import Conflict, InvalidInput
 from bookshop.services.orders import (
-    MAX_COPIES_PER_LINE, MAX_LINES, TRANSITIONS, OrderStatus, PricedLine, check_chargeable, check_transition,
-    merge_lines, price, promotion_discount, qualifies_for_promotion,
+    MAX_COPIES_PER_LINE, MAX_LINES, PricedLine, check_chargeable, merge_lines, price, promotion_discount,
+    qualifies_for_promotion,
 )
 
 A, B, C = "9780000000001", "9780000000002", "9780000000003"
@@ -106,31 +107,6 @@ def test_merge_lines_rejects(lines, field):
         merge_lines(lines)
     assert info.value.details["field"] == field
     assert info.value.message.startswith(field)
-
-
-# -- check_transition() ----------------------------------------------------------------------------------------
-ALLOWED = {
-    (OrderStatus.PENDING, OrderStatus.CONFIRMED),
-    (OrderStatus.PENDING, OrderStatus.CANCELLED),
-    (OrderStatus.CONFIRMED, OrderStatus.SHIPPED),
-    (OrderStatus.CONFIRMED, OrderStatus.CANCELLED),
-}
-
-
-@pytest.mark.parametrize("current", list(OrderStatus))
-@pytest.mark.parametrize("target", list(OrderStatus))
-def test_check_transition_table(current, target):
-    if (current, target) in ALLOWED:
-        check_transition(current, target)
-    else:
-        with pytest.raises(Conflict) as info:
-            check_transition(current, target)
-        assert info.value.code == "invalid_status_transition"
-        assert info.value.details == {"status": current.value}
-
-
-def test_the_transition_table_is_the_contracts():
-    assert {(a, b) for a, targets in TRANSITIONS.items() for b in targets} == ALLOWED
 
 
 def test_a_total_above_the_processors_limit_is_invalid_items():
