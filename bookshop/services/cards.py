@@ -82,13 +82,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_card(number: str, exp_month: int, exp_year: int, cvc: str, today: datetime.date) -> str:
+def validate_card(number: str, exp_month: int, exp_year: int, cvc: str, today: datetime.date | None) -> str:
     """Raise InvalidInput naming the first bad field; return the card number as plain digits when the card
     may be charged.
 
     The number may be grouped (see :func:`normalize_number`). A card is valid through the last day of its
     expiry month. ``exp_month`` and ``exp_year`` must be ints (four-digit year); ``cvc`` a string of 3 or 4
-    digits.
+    digits. ``today`` None checks the card's form only, not its dates (a replayed request is judged by its
+    first answer, not by today's calendar).
     """
     number = normalize_number(number)
     if not luhn_valid(number):
@@ -97,9 +98,9 @@ def validate_card(number: str, exp_month: int, exp_year: int, cvc: str, today: d
         raise _invalid("payment.exp_month", "must be an integer from 1 to 12")
     if not _is_int(exp_year):
         raise _invalid("payment.exp_year", "must be an integer (four-digit year)")
-    if (exp_year, exp_month) < (today.year, today.month):
+    if today is not None and (exp_year, exp_month) < (today.year, today.month):
         raise _invalid("payment.exp_year", "the card has expired")
-    if exp_year > today.year + MAX_YEARS_AHEAD:
+    if today is not None and exp_year > today.year + MAX_YEARS_AHEAD:
         raise _invalid("payment.exp_year", f"more than {MAX_YEARS_AHEAD} years ahead")
     if not _ascii_digits(cvc) or len(cvc) not in (3, 4):
         raise _invalid("payment.cvc", "must be a string of 3 or 4 digits")

@@ -206,6 +206,7 @@ class Checkout:
         self._recovery_gate = asyncio.Semaphore(self.RECOVERY_CONCURRENCY)
         self._first_pass = True
         self._left_over = False  # a recovery of the last pass was postponed (an upstream still down)
+        self._soon = asyncio.Event()  # set by a postponement: the next recovery pass comes at the busy pace
 
     def _count(self, name: str) -> None:
         if self.metrics is not None:
@@ -547,6 +548,12 @@ class Checkout:
         """An upstream is still down: give the lease back and come again at the busy pace (a compensation
         is owed, typically a refund: paid seconds after the upstream is back, not a lease later)."""
         self._left_over = True
+        self._soon.set()
+        driver = self.task_of(order_id)
+        if driver is not None and not driver.done() and driver is not asyncio.current_task():
+            # another task of this process still drives the order (a customer's cancel while its saga is
+            # running): its lease stays, or another instance's recovery would run beside the live saga
+            return
         try:
             await self.repo.give_back_lease(order_id, self.owner)
         except Exception as exc:  # noqa: BLE001 - the lease then simply runs out
@@ -594,9 +601,21 @@ class Checkout:
                     log.warning("recovery pass failed: %s", exc.code)
                 except Exception:  # noqa: BLE001 - the loop must outlive a bad pass (e.g. database down)
                     log.exception("recovery pass failed")
-                try:
-                    await asyncio.wait_for(stop.wait(), pause)
-                except asyncio.TimeoutError:
-                    pass
+                if pause == every:  # idle: a postponement meanwhile brings the next pass forward
+                    await _first_of(stop, self._soon, pause)
+                    pause = busy_every if self._soon.is_set() else 0
+                self._soon.clear()
+                if pause and not stop.is_set():
+                    await _first_of(stop, None, pause)
         finally:
             self.stop_recovery()
+
+
+async def _first_of(stop: asyncio.Event, other: asyncio.Event | None, timeout: float) -> None:
+    """Wait until ``stop`` or ``other`` is set, or ``timeout`` seconds have passed."""
+    events = [asyncio.ensure_future(e.wait()) for e in (stop, other) if e is not None]
+    try:
+        await asyncio.wait(events, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in events:
+            waiter.cancel()

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import hmac
+import logging
+from typing import Callable
 
-from bookshop.services import errors
+from bookshop.services import cards, errors
 from bookshop.services.checkout import RETRYABLE, DuplicateRequest, PlaceOrder, first_answer
 from bookshop.services.orders import OrderStatus, merge_lines
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +89,14 @@ class PlaceOrders:
     """``POST /orders``: see the module's notes. ``status_of`` maps a domain error to its HTTP status (the
     handlers' table); ``wait`` is ``BOOKSHOP_CHECKOUT_WAIT``."""
 
-    def __init__(self, checkout, orders, carts, wait: float, status_of):
+    def __init__(self, checkout, orders, carts, wait: float, status_of,
+                 today: Callable[[], datetime.date] = datetime.date.today):
         self.checkout = checkout
         self.orders = orders
         self.carts = carts
         self.wait = wait
         self.status_of = status_of
+        self.today = today  # the day a new order's card must not have expired by
         self.requests: dict[tuple[str, str], asyncio.Future] = {}  # (customer, key) -> its request, answering
 
     async def place(self, request: OrderRequest) -> Answer:
@@ -119,6 +126,9 @@ class PlaceOrders:
                 mine.set_result(None)
 
     async def command(self, request: OrderRequest) -> PlaceOrder:
+        card = request.card
+        cards.validate_card(card["card_number"], card["exp_month"], card["exp_year"], card["cvc"],
+                            self.today())  # its form was checked at the edge; its dates now
         if request.items is None:
             lines = [(i["isbn"], i["quantity"]) for i in await self.carts.get(request.user_id)]
             if not lines:
@@ -131,8 +141,9 @@ class PlaceOrders:
                           from_cart=request.items is None, traceparent=request.traceparent)
 
     async def _run(self, order_id: str, cmd: PlaceOrder, request: OrderRequest) -> Answer:
-        """Run the saga; answer 201 if it ends in time, 202 PENDING if it is still running. The answer is
-        recorded in the order (see ``first_answer``), except a 5xx, which frees the key for a retry."""
+        """Run the saga; answer 201 if it ends in time, 202 PENDING if it is still running (or failed
+        unexpectedly: recovery takes it on). The answer is recorded in the order (see ``first_answer``); only a
+        retryable refusal made before anything was charged frees the key."""
         try:
             order, task = await self.checkout.place(order_id, cmd, request.key, request.fingerprint, wait=self.wait)
         except errors.DomainError as exc:  # nothing was made: not an answer to remember
@@ -146,8 +157,11 @@ class PlaceOrders:
         except errors.DomainError:  # the cancellation that stands for this error is recorded in the order
             doc = await self.orders.get(order_id)
         except Exception:
-            await self.orders.release_key(order_id)  # a 500 is not an answer to replay
-            raise
+            # Never free the key here: the saga may have charged the card before it failed (a database
+            # error on the confirmation, say), and a retry with the key would make and charge a second order.
+            # The order is answered as it stands: still PENDING, recovery finishes or compensates it.
+            log.exception("the checkout saga of order %s failed", order_id)
+            doc = None
         if doc is None or doc["status"] == OrderStatus.PENDING.value:
             if await self.orders.record_pending_answer(order_id):
                 return Answer(202, order)

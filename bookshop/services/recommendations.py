@@ -417,7 +417,7 @@ class Learner:
     ``seq`` it continues, so two that both thought they held it cannot both apply an event."""
 
     def __init__(self, store: Store, purchases: Purchases, follow: Follow, *, owner: str, metrics=None,
-                 batch: int = 500, lease_seconds: float = 12.0, page: int = 500, linger: float = 0.1):
+                 batch: int = 500, lease_seconds: float = 6.0, page: int = 500, linger: float = 0.1):
         self.store = store
         self.purchases = purchases
         self.follow = follow

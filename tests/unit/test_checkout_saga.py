@@ -4,16 +4,20 @@ charges are idempotent per order id, a refund of an order never charged voids it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime
 
 import pytest
+from harness import until
 
 from bookshop.services import cards, errors
 from bookshop.services.checkout import Checkout, DuplicateRequest, PlaceOrder
 from bookshop.services.orders import OrderStatus
 
 A, B = "9780000000001", "9780000000002"
+
+
 CARD = {"card_number": "4242424242424242", "exp_month": 12, "exp_year": 2035, "cvc": "123"}
 ADDRESS = {"name": "Ann", "line1": "1 Book Street", "city": "Lyon", "postal_code": "69001", "country": "FR"}
 LEASE = 10.0
@@ -46,6 +50,11 @@ class FakeRepo:
         self.promotions: dict[str, dict] = {}
         self.carts: dict[str, list[dict]] = {}
         self.writes = 0
+
+    async def give_back_lease(self, order_id, owner):
+        doc = self.orders.get(order_id)
+        if doc is not None and doc["open"] and doc.get("owner") == owner:
+            doc["saga_lease"] = self.clock()
 
     async def get(self, order_id):
         return copy.deepcopy(self.orders.get(order_id))
@@ -916,3 +925,102 @@ async def test_a_promotion_claim_left_behind_is_given_back():
     # a cancel whose give-back was cut off
     w.repo.orders[order["_id"]]["status"] = "CANCELLED"
     assert await w.checkout.promotion_available("u1") is True and "u1" not in w.repo.promotions
+
+
+@pytest.mark.gen_test
+async def test_a_saga_failing_after_the_charge_keeps_its_key_so_a_retry_charges_nothing_more():
+    """An unexpected error after the card was charged (the database dropping the confirmation) used to free
+    the Idempotency-Key with a 500: the client's retry with that key made and charged a second order."""
+    from bookshop.handlers.base import status_of
+    from bookshop.services.place_order import OrderRequest, PlaceOrders
+    w = World()
+    w.repo.new_id = w.new_id
+    transition, failed = w.repo.transition, []
+
+    async def flaky(order, from_status, to, **kw):
+        if to is OrderStatus.CONFIRMED and not failed:
+            failed.append(to)
+            raise ConnectionError("database connection reset")
+        return await transition(order, from_status, to, **kw)
+    w.repo.transition = flaky
+    place = PlaceOrders(w.checkout, w.repo, None, 2.0, status_of)
+    request = OrderRequest(user_id="u1", key="k-1", fingerprint="fp", items=[(A, 1)], shipping_address=ADDRESS,
+                           card=CARD, expected_total_cents=None)
+    first = await place.place(request)
+    assert failed and first.status == 202 and first.order["status"] == "PENDING"
+    again = await place.place(request)
+    assert again.status == 202 and again.order["_id"] == first.order["_id"]
+    w.clock.advance(LEASE + 1)
+    await w.checkout.recover()  # the order's lease ran out: recovery finishes it
+    assert list(w.repo.orders) == [first.order["_id"]]
+    assert w.stored(first.order["_id"])["status"] == "CONFIRMED"
+    assert len([c for c in w.payments.charges.values() if c["status"] == "charged" and not c["refunded"]]) == 1
+
+
+@pytest.mark.gen_test
+async def test_a_cancel_beside_a_live_saga_keeps_its_lease_so_no_other_instance_runs_it_meanwhile():
+    """A customer's cancel handled by the process running the saga, with the refund postponed (payments
+    refusing), used to give the saga's lease back: another instance's recovery then ran beside the live saga."""
+    w = World()
+    other = w.instance("elsewhere|ns|7")
+    charge, seen = w.payments.charge, {}
+
+    async def slow_charge(*args):
+        w.payments.down.add("refund")
+        order_id = next(iter(w.repo.orders))
+        cancel = asyncio.ensure_future(w.checkout.cancel_by_request(await w.repo.get(order_id), by="u1"))
+        await cancel  # another request's task, as a customer's POST /orders/{id}/cancel is
+        w.clock.advance(0.001)
+        seen["taken_by_other"] = await other.recover()
+        seen["owner"] = w.stored(order_id)["owner"]
+        w.payments.down.discard("refund")
+        return await charge(*args)
+    w.payments.charge = slow_charge
+    order, task = await w.checkout.place(w.new_id(), w.command([(A, 1)]), wait=1.0)
+    with contextlib.suppress(errors.DomainError):
+        await task
+    assert seen["taken_by_other"] == 0 and seen["owner"] == "host|ns|1"
+
+
+@pytest.mark.gen_test
+async def test_a_postponed_compensation_brings_the_idle_recovery_loop_forward():
+    """A postponement (an upstream down) made while the recovery loop slept its idle pause used to wait for
+    that whole pause (5 s) before the busy pace (1 s) applied."""
+    w = World()
+    passes = []
+    recover = w.checkout.recover
+
+    async def counted(**kw):
+        passes.append(w.clock())
+        return await recover(**kw)
+    w.checkout.recover = counted
+    stop = asyncio.Event()
+    loop_task = asyncio.ensure_future(w.checkout.recover_forever(stop, every=30.0, busy_every=0.01))
+    await until(lambda: len(passes) == 1, timeout=5)
+    await w.checkout._postpone("no-such-order")
+    await until(lambda: len(passes) >= 2, timeout=5)  # long before the 30 s idle pause is over
+    stop.set()
+    await asyncio.wait_for(loop_task, 5)
+
+
+@pytest.mark.gen_test
+async def test_a_replay_after_the_card_expired_is_the_first_answer_and_a_new_key_is_refused():
+    from bookshop.handlers.base import status_of
+    from bookshop.services.place_order import OrderRequest, PlaceOrders
+    w = World()
+    w.repo.new_id = w.new_id
+    today = [datetime.date(2030, 6, 30)]
+    place = PlaceOrders(w.checkout, w.repo, None, 2.0, status_of, today=lambda: today[0])
+    june = {**CARD, "exp_month": 6, "exp_year": 2030}
+
+    def request(key):
+        return OrderRequest(user_id="u1", key=key, fingerprint="fp-" + key, items=[(A, 1)],
+                            shipping_address=ADDRESS, card=june, expected_total_cents=None)
+    first = await place.place(request("k-june"))
+    assert first.status == 201
+    today[0] = datetime.date(2030, 7, 1)  # the card has expired since
+    again = await place.place(request("k-june"))
+    assert again.status == 201 and again.order["_id"] == first.order["_id"]
+    with pytest.raises(errors.InvalidInput) as refused:
+        await place.place(request("k-july"))
+    assert refused.value.details == {"field": "payment.exp_year"}
