@@ -5,6 +5,7 @@ import logging
 
 from bookshop.deps import InventoryDeps
 from bookshop.handlers.base import BaseHandler
+from bookshop.handlers.bodies import Line
 from bookshop.handlers.catalog import ISBN
 from bookshop.handlers.common import int_arg
 from bookshop.services import errors
@@ -21,11 +22,6 @@ class InventoryBase(BaseHandler):
 
 
 class Restock(StrictModel):
-    quantity: int
-
-
-class Line(StrictModel):
-    isbn: str
     quantity: int
 
 

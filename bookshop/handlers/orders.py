@@ -7,6 +7,7 @@ import re
 from bookshop import tracing
 from bookshop.deps import OrdersDeps
 from bookshop.handlers.base import BaseHandler, error_body
+from bookshop.handlers.bodies import Card, Line
 from bookshop.handlers.catalog import ISBN
 from bookshop.handlers.common import int_arg
 from bookshop.services import cards, errors
@@ -28,11 +29,6 @@ class OrdersBase(BaseHandler):
     deps: OrdersDeps
 
 
-class Line(StrictModel):
-    isbn: str
-    quantity: int
-
-
 class Address(StrictModel):
     name: str
     line1: str
@@ -40,13 +36,6 @@ class Address(StrictModel):
     city: str
     postal_code: str
     country: str
-
-
-class Card(StrictModel):
-    card_number: str
-    exp_month: int
-    exp_year: int
-    cvc: str
 
 
 class NewOrder(StrictModel):

@@ -12,6 +12,7 @@ import random
 
 from bookshop.deps import PaymentsDeps
 from bookshop.handlers.base import BaseHandler
+from bookshop.handlers.bodies import Card
 from bookshop.services import cards, errors
 from bookshop.services.views import charge_view
 from bookshop.validation import StrictModel
@@ -22,13 +23,6 @@ log = logging.getLogger(__name__)
 class PaymentsBase(BaseHandler):
     """Base of the payments routes: their collaborators are ``self.deps``."""
     deps: PaymentsDeps
-
-
-class Card(StrictModel):
-    card_number: str
-    exp_month: int
-    exp_year: int
-    cvc: str
 
 
 class ChargeRequest(StrictModel):
