@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import enum
 
 from bookshop.services.cards import MAX_CHARGE_CENTS
 from bookshop.services.errors import Conflict, InvalidInput
+from bookshop.services.views import iso_z
 
 MAX_COPIES_PER_LINE = 100
 MAX_LINES = 50
@@ -114,10 +114,6 @@ def qualifies_for_promotion(lines: list[tuple[str, int]]) -> bool:
     return sum(q for _, q in lines) >= PROMOTION_MIN_COPIES
 
 
-def iso(value: datetime.datetime | None) -> str | None:
-    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None
-
-
 def order_view(doc: dict) -> dict:
     """An order as the API shows it."""
     return {
@@ -126,6 +122,6 @@ def order_view(doc: dict) -> dict:
         "total_cents": doc["total_cents"], "currency": doc["currency"],
         "promotion_applied": doc["promotion_applied"], "shipping_address": doc["shipping_address"],
         "payment": {"status": doc["payment"]["status"], "last4": doc["payment"].get("last4")},
-        "history": [{k: (iso(v) if k == "at" else v) for k, v in h.items()} for h in doc["history"]],
-        "created_at": iso(doc["created_at"]),
+        "history": [{k: (iso_z(v) if k == "at" else v) for k, v in h.items()} for h in doc["history"]],
+        "created_at": iso_z(doc["created_at"]),
     }

@@ -14,6 +14,7 @@ import zoneinfo
 from typing import Any, AsyncIterable, Callable, Iterable, Protocol
 
 from bookshop.services.orders import OrderStatus
+from bookshop.services.views import iso_z
 
 UTC = datetime.timezone.utc
 MINUTE = datetime.timedelta(minutes=1)
@@ -103,16 +104,12 @@ class Totals:
     def as_dict(self, now: datetime.datetime) -> dict:
         return {
             "date": self.day.date.isoformat(), "timezone": self.day.zone.key,
-            "from": iso(self.day.start), "until": iso(self.day.end), "as_of": iso(now), "currency": self.currency,
+            "from": iso_z(self.day.start), "until": iso_z(self.day.end), "as_of": iso_z(now), "currency": self.currency,
             "orders_confirmed": self.orders_confirmed, "revenue_cents": self.revenue_cents,
             "cancellations": self.cancellations, "orders_shipped": self.orders_shipped,
             "open_orders": self.open_orders,
-            "confirmed_per_minute": {"from": iso(self.chart_start), "counts": list(self.confirmed_per_minute)},
+            "confirmed_per_minute": {"from": iso_z(self.chart_start), "counts": list(self.confirmed_per_minute)},
         }
-
-
-def iso(at: datetime.datetime) -> str:
-    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def chart_start(now: datetime.datetime) -> datetime.datetime:

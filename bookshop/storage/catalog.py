@@ -3,20 +3,11 @@ from __future__ import annotations
 
 import pymongo
 
+from bookshop.services.views import book_view
 from bookshop.storage.mongo import DuplicateKeyError
 from bookshop.storage.outbox import EventLog, new_event, utcnow
 
 NEWEST = [("category", 1), ("published_year", -1), ("_id", 1)]
-PUBLIC_FIELDS = ("isbn", "title", "authors", "category", "price_cents", "currency", "description",
-                 "published_year", "created_at", "updated_at")
-
-
-def book_view(doc: dict) -> dict:
-    out = {k: doc.get(k) for k in PUBLIC_FIELDS}
-    for k in ("created_at", "updated_at"):
-        if out[k] is not None:
-            out[k] = out[k].isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return out
 
 
 class BookRepo:

@@ -21,7 +21,8 @@ import pymongo
 import pymongo.errors
 from bson import ObjectId
 
-from bookshop.services.orders import OrderStatus, iso, order_view  # noqa: F401 (order_view: its old home)
+from bookshop.services.orders import OrderStatus, order_view  # noqa: F401 (order_view: its old home)
+from bookshop.services.views import iso_z
 from bookshop.storage.mongo import DuplicateKeyError
 from bookshop.storage.outbox import EventLog, new_event, utcnow
 
@@ -42,7 +43,7 @@ def event_data(doc: dict, status: str | None = None, **extra) -> dict:
             "total_cents": doc["total_cents"], "currency": doc["currency"],
             "items": sum(i["quantity"] for i in doc["items"]),
             "lines": [{"isbn": i["isbn"], "quantity": i["quantity"]} for i in doc["items"]],
-            "created_at": iso(doc["created_at"])}
+            "created_at": iso_z(doc["created_at"])}
     data.update(extra)
     return data
 

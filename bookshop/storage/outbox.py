@@ -44,6 +44,8 @@ import pymongo
 import pymongo.errors
 from bson import ObjectId
 
+from bookshop.services.views import iso_z
+
 log = logging.getLogger(__name__)
 
 RETENTION = datetime.timedelta(hours=48)
@@ -81,7 +83,7 @@ def new_epoch_id() -> str:
 def public_event(doc: dict) -> dict:
     """An event as consumers see it."""
     out = {"seq": doc["seq"], "event": doc["event"], "data": doc["data"],
-           "at": doc["at"].isoformat(timespec="milliseconds").replace("+00:00", "Z")}
+           "at": iso_z(doc["at"])}
     if doc.get("user_id") is not None:
         out["user_id"] = doc["user_id"]
     return out
