@@ -146,6 +146,14 @@ class Api:
 
 
 # -- the gateway's WebSocket, as a client ---------------------------------------------------------------------
+async def levels(api: Api, isbn: str) -> tuple[int, int, int]:
+    """A book's stock level (public: read without a token) as (on_hand, reserved, available)."""
+    r = await api.get(f"/inventory/{isbn}", token=None)
+    assert r.status == 200, r
+    assert r.body["available"] == r.body["on_hand"] - r.body["reserved"]
+    return r.body["on_hand"], r.body["reserved"], r.body["available"]
+
+
 async def connect_ws(session: aiohttp.ClientSession, shop, *, url: str | None = None, headers: dict | None = None):
     """A socket to the shop's gateway (or ``url``), from an allowed origin."""
     return await session.ws_connect(url or shop.ws_url, headers={"Origin": shop.origin, **(headers or {})})

@@ -11,16 +11,10 @@ import aiohttp
 import pytest
 from motor.motor_asyncio import AsyncIOMotorClient
 
-from client import ADDRESS, CARD, Api, fresh_isbn
+from client import ADDRESS, CARD, Api, fresh_isbn, levels
 
 ORDER_FIELDS = {"id", "user_id", "status", "items", "subtotal_cents", "discount_cents", "total_cents", "currency",
                 "promotion_applied", "shipping_address", "payment", "history", "created_at"}
-
-
-async def levels(api: Api, isbn: str) -> tuple[int, int, int]:
-    r = await api.get(f"/inventory/{isbn}")
-    assert r.status == 200, r
-    return r.body["on_hand"], r.body["reserved"], r.body["available"]
 
 
 async def ledger(staff: Api, order_id: str) -> list[dict]:

@@ -30,6 +30,7 @@ import aiohttp
 import pytest
 
 from client import Api
+from harness import until
 
 BOOKS = 10
 CUSTOMERS = 20  # x BOOKS checkouts, one client (and one key) per customer and book
@@ -42,18 +43,6 @@ SHOP_ENV = {
 }
 RETRY_409 = {"request_in_progress", "request_failed"}  # "the first request with this key ...; retry"
 TERMINAL = {"CONFIRMED", "CANCELLED"}
-
-
-async def until(check, timeout: float, every: float = 0.25, describe=lambda: ""):
-    """Poll ``check()`` until it returns something truthy; fail after ``timeout`` saying what is left."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"gave up after {timeout:g}s: {describe()}")
-        await asyncio.sleep(every)
 
 
 async def register(api: Api, count: int, parallel: int = 8) -> list[Api]:
@@ -198,7 +187,7 @@ class Rush:
             return not state["left"]
         await until(check, SETTLE, describe=lambda: f"{victim} back for {SETTLE:g}s: {brief(state.get('left'))} "
                                                     f"of the {len(state.get('at_restart', ()))} orders there at the "
-                                                    "restart not settled")
+                                                    "restart not settled", every=0.25)
         self.mark(f"the {len(state['at_restart'])} orders there at the restart settled")
 
     async def final_answers(self) -> list:
@@ -231,7 +220,7 @@ class Rush:
             return orders if not any(reserved for _, reserved, _ in levels.values()) else None
         self.orders = await until(check, SETTLE, describe=lambda: f"not settled: {brief(state.get('left'))}; "
                                                                   f"stock (on_hand, reserved, available): "
-                                                                  f"{state.get('levels')}")
+                                                                  f"{state.get('levels')}", every=0.25)
         self.by_id = {o["id"]: o for o in self.orders}
         self.mark(f"all {len(self.orders)} orders settled")
         return self.orders

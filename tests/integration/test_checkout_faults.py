@@ -9,26 +9,10 @@ import aiohttp
 import pytest
 from motor.motor_asyncio import AsyncIOMotorClient
 
-from client import Api
+from client import Api, levels
+from harness import until
 
 TERMINAL = {"CONFIRMED", "CANCELLED"}
-
-
-async def until(check, timeout: float, every: float = 0.2, describe=lambda: ""):
-    """Poll ``check()`` until it returns something truthy; fail after ``timeout`` saying what is left."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up after {timeout}s: {describe()}"
-        await asyncio.sleep(every)
-
-
-async def levels(api: Api, isbn: str) -> tuple[int, int, int]:
-    r = await api.get(f"/inventory/{isbn}")
-    assert r.status == 200, r
-    return r.body["on_hand"], r.body["reserved"], r.body["available"]
 
 
 @pytest.mark.gen_test(timeout=90)

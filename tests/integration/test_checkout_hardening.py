@@ -3,22 +3,12 @@ wait, and a from_cart order confirmed while its customer kept shopping."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import pytest
 
 from client import Api
-
-
-async def until(check, timeout: float, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up after {timeout}s"
-        await asyncio.sleep(every)
+from harness import until
 
 
 def cart_lines(cart: dict) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import time
 import uuid
 
 import aiohttp
@@ -14,16 +13,7 @@ from bson import ObjectId
 from motor.motor_asyncio import AsyncIOMotorClient
 
 from client import ADDRESS, Api
-
-
-async def until(check, timeout: float, every: float = 0.2, describe=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up after {timeout}s {describe()}"
-        await asyncio.sleep(every)
+from harness import until
 
 
 async def settled(customer: Api, order_id: str, timeout: float) -> dict:
@@ -139,7 +129,7 @@ async def test_a_database_written_by_the_previous_version_is_taken_over_without_
             async def owed_paid():
                 doc = (await customer.get(f"/orders/{owed['_id']}")).body
                 return doc if doc["payment"]["status"] in ("none", "refunded") else None
-            await until(owed_paid, 20)
+            await until(owed_paid, 20, every=0.2)
             # old keys replay: the stored answer verbatim, or the order as recovery decided it
             r = await customer.order([(isbn, 1)], key="old-confirmed")
             assert (r.status, r.body) == (201, answer["body"])

@@ -15,7 +15,7 @@ import pymongo
 import pytest
 
 from bookshop.procs import free_port
-from client import Api, fresh_isbn
+from client import Api, fresh_isbn, levels
 from harness import ROOT, RUN_PY, Shop
 
 
@@ -34,13 +34,6 @@ async def internal(shop, session: aiohttp.ClientSession, base: str | None = None
 
 def order_id() -> str:
     return "o-" + uuid.uuid4().hex
-
-
-async def levels(api: Api, isbn: str) -> tuple[int, int, int]:
-    r = await api.get(f"/inventory/{isbn}", token=None)
-    assert r.status == 200, r
-    assert r.body["available"] == r.body["on_hand"] - r.body["reserved"]
-    return r.body["on_hand"], r.body["reserved"], r.body["available"]
 
 
 async def direct(shop, session) -> tuple[Api, Api]:

@@ -8,6 +8,7 @@ import itertools
 import random
 import uuid
 
+import pymongo
 import pytest
 
 from bookshop.storage.inventory import LevelRepo
@@ -36,11 +37,42 @@ class CrashOnDelete:
         raise SimulatedCrash()
 
 
-async def fresh_log(mongodb_uri: str, name: str) -> tuple[Database, EventLog]:
-    db = Database(mongodb_uri, name)
-    log = EventLog(db)
-    await log.create_indexes()
-    return db, log
+class Instances:
+    """A fresh database of the test's own. Each ``await open()`` is one more instance of a service on it: its
+    own client, and an event log with its indexes. The fixture drops the database and closes the clients."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.name = "outbox_" + uuid.uuid4().hex[:10]
+        self.opened: list[Database] = []
+
+    async def open(self) -> tuple[Database, EventLog]:
+        db = Database(self.uri, self.name)
+        self.opened.append(db)
+        log = EventLog(db)
+        await log.create_indexes()
+        return db, log
+
+
+def instances_on(uri: str):
+    made = Instances(uri)
+    yield made
+    if made.opened:
+        with pymongo.MongoClient(uri) as client:
+            client.drop_database(made.name)
+    for db in made.opened:
+        db.close()
+
+
+@pytest.fixture
+def instances(mongodb_uri):
+    yield from instances_on(mongodb_uri)
+
+
+@pytest.fixture
+def private_instances(private_mongodb_uri):
+    """On a database server of the test's own (see conftest's ``private_mongodb_uri``)."""
+    yield from instances_on(private_mongodb_uri)
 
 
 async def expire_lease(log: EventLog) -> None:
@@ -53,10 +85,9 @@ def assert_contiguous(seqs: list[int], after: int) -> None:
 
 
 @pytest.mark.gen_test(timeout=90)
-async def test_concurrent_writers_and_two_relays_number_every_event_once_without_holes(mongodb_uri):
-    name = "outbox_" + uuid.uuid4().hex[:10]
-    db_a, log_a = await fresh_log(mongodb_uri, name)
-    db_b, log_b = await fresh_log(mongodb_uri, name)  # another instance of the service: its own client
+async def test_concurrent_writers_and_two_relays_number_every_event_once_without_holes(instances):
+    db_a, log_a = await instances.open()
+    db_b, log_b = await instances.open()  # another instance of the service: its own client
     relays = [Relay(log_a, batch=25, fallback=0.02), Relay(log_b, batch=25, fallback=0.02)]
     stop = asyncio.Event()
     recorded: list[str] = []
@@ -144,121 +175,99 @@ async def test_concurrent_writers_and_two_relays_number_every_event_once_without
         for task in (*running, thief, reading):
             task.cancel()
         await asyncio.gather(*running, thief, reading, return_exceptions=True)
-        await db_a.client.drop_database(name)
-        db_a.close()
-        db_b.close()
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_a_rolled_back_change_is_never_announced(mongodb_uri):
-    name = "outbox_" + uuid.uuid4().hex[:10]
-    db, log = await fresh_log(mongodb_uri, name)
-    try:
-        async def work(session):
-            await log.record(new_event("book.created", {"isbn": "nope"}), session=session)
-            await db["books"].insert_one({"_id": "nope"}, session=session)
+async def test_a_rolled_back_change_is_never_announced(instances):
+    db, log = await instances.open()
+
+    async def work(session):
+        await log.record(new_event("book.created", {"isbn": "nope"}), session=session)
+        await db["books"].insert_one({"_id": "nope"}, session=session)
+        raise SimulatedCrash()
+    with pytest.raises(SimulatedCrash):
+        await db.transaction(work)
+    assert await Relay(log).run_once() == 0
+    assert await log.events.count_documents({}) == 0
+    assert await db["books"].count_documents({}) == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_event_numbered_by_a_relay_that_crashed_before_removing_it_is_not_numbered_again(instances):
+    db, log = await instances.open()
+    levels = LevelRepo(db, leftover_seconds=0)  # numbered events leave their document at the next pass
+    await levels.create_indexes()
+    first, second = new_event("book.created", {"isbn": "a"}), new_event("book.created", {"isbn": "b"})
+    await log.record(first)
+    await log.record(second)
+    await levels.restock("9780000000002", 3)  # a hot document: the event waits inside it
+
+    async def crashing_levels(limit):
+        found = await levels.pending_events(limit)
+
+        async def crash():
             raise SimulatedCrash()
-        with pytest.raises(SimulatedCrash):
-            await db.transaction(work)
-        assert await Relay(log).run_once() == 0
-        assert await log.events.count_documents({}) == 0
-        assert await db["books"].count_documents({}) == 0
-    finally:
-        await db.client.drop_database(name)
-        db.close()
+        return [(event, crash if ack is not None else None) for event, ack in found]
+
+    doomed_log = EventLog(db)
+    doomed_log.outbox = CrashOnDelete(log.outbox)
+    with pytest.raises(SimulatedCrash):
+        await Relay(doomed_log, [crashing_levels]).run_once()
+    assert await log.events.count_documents({}) == 3  # numbered, but still waiting where they were
+    assert await log.outbox.count_documents({}) == 2
+
+    await expire_lease(log)
+    doomed_log.outbox = log.outbox
+    with pytest.raises(SimulatedCrash):
+        await Relay(doomed_log, [crashing_levels]).run_once()  # numbered outbox, died before the ack
+    await expire_lease(log)
+
+    await log.record(new_event("book.created", {"isbn": "c"}))
+    await levels.restock("9780000000002", 4)
+    successor = Relay(log, [levels.pending_events])
+    assert await successor.run_once() == 2  # only the two new ones
+    assert await successor.run_once() == 0
+    events = await log.read(0, 100)
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    assert [e["data"].get("isbn") for e in events] == ["a", "b", "9780000000002", "c", "9780000000002"]
+    assert [e["data"].get("on_hand") for e in events[2::2]] == [3, 7]
+    assert await log.outbox.count_documents({}) == 0
+    assert await db["levels"].count_documents({"pending.at": {"$gte": EPOCH}}) == 0
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_an_event_numbered_by_a_relay_that_crashed_before_removing_it_is_not_numbered_again(mongodb_uri):
-    name = "outbox_" + uuid.uuid4().hex[:10]
-    db, log = await fresh_log(mongodb_uri, name)
-    try:
-        levels = LevelRepo(db, leftover_seconds=0)  # numbered events leave their document at the next pass
-        await levels.create_indexes()
-        first, second = new_event("book.created", {"isbn": "a"}), new_event("book.created", {"isbn": "b"})
-        await log.record(first)
-        await log.record(second)
-        await levels.restock("9780000000002", 3)  # a hot document: the event waits inside it
-
-        async def crashing_levels(limit):
-            found = await levels.pending_events(limit)
-
-            async def crash():
-                raise SimulatedCrash()
-            return [(event, crash if ack is not None else None) for event, ack in found]
-
-        doomed_log = EventLog(db)
-        doomed_log.outbox = CrashOnDelete(log.outbox)
-        with pytest.raises(SimulatedCrash):
-            await Relay(doomed_log, [crashing_levels]).run_once()
-        assert await log.events.count_documents({}) == 3  # numbered, but still waiting where they were
-        assert await log.outbox.count_documents({}) == 2
-
-        await expire_lease(log)
-        doomed_log.outbox = log.outbox
-        with pytest.raises(SimulatedCrash):
-            await Relay(doomed_log, [crashing_levels]).run_once()  # numbered outbox, died before the ack
-        await expire_lease(log)
-
-        await log.record(new_event("book.created", {"isbn": "c"}))
-        await levels.restock("9780000000002", 4)
-        successor = Relay(log, [levels.pending_events])
-        assert await successor.run_once() == 2  # only the two new ones
-        assert await successor.run_once() == 0
-        events = await log.read(0, 100)
-        assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
-        assert [e["data"].get("isbn") for e in events] == ["a", "b", "9780000000002", "c", "9780000000002"]
-        assert [e["data"].get("on_hand") for e in events[2::2]] == [3, 7]
-        assert await log.outbox.count_documents({}) == 0
-        assert await db["levels"].count_documents({"pending.at": {"$gte": EPOCH}}) == 0
-    finally:
-        await db.client.drop_database(name)
-        db.close()
+async def test_a_relay_that_lost_its_lease_is_fenced_and_never_overwrites_a_seq(instances):
+    db, log = await instances.open()
+    old, new = Relay(log), Relay(log)
+    await log.record(new_event("book.created", {"isbn": "a"}))
+    assert await old.run_once() == 1
+    assert await new.run_once() == 0  # the lease is held
+    await expire_lease(log)
+    await log.record(new_event("book.created", {"isbn": "b"}))
+    assert await new.run_once() == 1  # took over at seq 2
+    await expire_lease(log)
+    await log.record(new_event("book.created", {"isbn": "c"}))
+    old._next_seq = 2  # it never noticed it lost the lease in between
+    assert await old.run_once() == 0  # seq 2 is taken: fenced
+    assert await old.run_once() == 1  # re-read the tail: seq 3
+    events = await log.read(0, 10)
+    assert [(e["seq"], e["data"]["isbn"]) for e in events] == [(1, "a"), (2, "b"), (3, "c")]
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_a_relay_that_lost_its_lease_is_fenced_and_never_overwrites_a_seq(mongodb_uri):
-    name = "outbox_" + uuid.uuid4().hex[:10]
-    db, log = await fresh_log(mongodb_uri, name)
-    try:
-        old, new = Relay(log), Relay(log)
-        await log.record(new_event("book.created", {"isbn": "a"}))
-        assert await old.run_once() == 1
-        assert await new.run_once() == 0  # the lease is held
-        await expire_lease(log)
-        await log.record(new_event("book.created", {"isbn": "b"}))
-        assert await new.run_once() == 1  # took over at seq 2
-        await expire_lease(log)
-        await log.record(new_event("book.created", {"isbn": "c"}))
-        old._next_seq = 2  # it never noticed it lost the lease in between
-        assert await old.run_once() == 0  # seq 2 is taken: fenced
-        assert await old.run_once() == 1  # re-read the tail: seq 3
-        events = await log.read(0, 10)
-        assert [(e["seq"], e["data"]["isbn"]) for e in events] == [(1, "a"), (2, "b"), (3, "c")]
-    finally:
-        await db.client.drop_database(name)
-        db.close()
-
-
-@pytest.mark.gen_test(timeout=30)
-async def test_a_waiter_wakes_when_the_relay_numbers_an_event(mongodb_uri):
-    name = "outbox_" + uuid.uuid4().hex[:10]
-    db, log = await fresh_log(mongodb_uri, name)
-    try:
-        relay = Relay(log)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        waiting = asyncio.ensure_future(log.wait(0, 5.0))
-        await asyncio.sleep(0.05)
-        await log.record(new_event("book.created", {"isbn": "a"}))
-        assert await relay.run_once() == 1
-        await asyncio.wait_for(waiting, 2.0)
-        assert loop.time() - started < 1.0
-        await log.wait(0, 5.0)  # already past: returns at once
-        assert loop.time() - started < 1.0
-    finally:
-        await db.client.drop_database(name)
-        db.close()
+async def test_a_waiter_wakes_when_the_relay_numbers_an_event(instances):
+    db, log = await instances.open()
+    relay = Relay(log)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waiting = asyncio.ensure_future(log.wait(0, 5.0))
+    await asyncio.sleep(0.05)
+    await log.record(new_event("book.created", {"isbn": "a"}))
+    assert await relay.run_once() == 1
+    await asyncio.wait_for(waiting, 2.0)
+    assert loop.time() - started < 1.0
+    await log.wait(0, 5.0)  # already past: returns at once
+    assert loop.time() - started < 1.0
 
 
 async def server_ops(db: Database) -> dict:
@@ -277,9 +286,8 @@ async def numbered(log: EventLog, seq: int, deadline: float) -> None:
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_an_idle_relay_costs_the_database_nothing_and_every_kind_of_write_wakes_it(private_mongodb_uri):
-    name = "outbox_" + uuid.uuid4().hex[:10]
-    db, log = await fresh_log(private_mongodb_uri, name)
+async def test_an_idle_relay_costs_the_database_nothing_and_every_kind_of_write_wakes_it(private_instances):
+    db, log = await private_instances.open()
     levels = LevelRepo(db, log)  # registers its embedded events with the log
     await levels.create_indexes()
     relay = Relay(log, fallback=60.0)  # far longer than any wait below: only a wake-up can number in time
@@ -310,36 +318,28 @@ async def test_an_idle_relay_costs_the_database_nothing_and_every_kind_of_write_
     finally:
         stop.set()
         await running
-        await db.client.drop_database(name)
-        db.close()
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_a_relay_that_stops_releases_its_lease_so_another_numbers_at_once(mongodb_uri):
-    name = "outbox_" + uuid.uuid4().hex[:10]
-    db, log = await fresh_log(mongodb_uri, name)
-    try:
-        stopping, successor = Relay(log), Relay(log)
-        await log.record(new_event("book.created", {"isbn": "a"}))
-        assert await stopping.run_once() == 1
-        await log.record(new_event("book.created", {"isbn": "b"}))
-        assert await successor.run_once() == 0  # the lease is held for a while yet
-        await stopping.release()
-        assert await successor.run_once() == 1  # no waiting it out
-        assert [(e["seq"], e["data"]["isbn"]) for e in await log.read(0, 10)] == [(1, "a"), (2, "b")]
-        await stopping.release()  # not ours any more: changes nothing
-        await log.record(new_event("book.created", {"isbn": "c"}))
-        assert await successor.run_once() == 1
-    finally:
-        await db.client.drop_database(name)
-        db.close()
+async def test_a_relay_that_stops_releases_its_lease_so_another_numbers_at_once(instances):
+    db, log = await instances.open()
+    stopping, successor = Relay(log), Relay(log)
+    await log.record(new_event("book.created", {"isbn": "a"}))
+    assert await stopping.run_once() == 1
+    await log.record(new_event("book.created", {"isbn": "b"}))
+    assert await successor.run_once() == 0  # the lease is held for a while yet
+    await stopping.release()
+    assert await successor.run_once() == 1  # no waiting it out
+    assert [(e["seq"], e["data"]["isbn"]) for e in await log.read(0, 10)] == [(1, "a"), (2, "b")]
+    await stopping.release()  # not ours any more: changes nothing
+    await log.record(new_event("book.created", {"isbn": "c"}))
+    assert await successor.run_once() == 1
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_readers_of_another_process_are_woken_by_a_change_stream_only_when_one_is_needed(mongodb_uri):
-    name = "outbox_" + uuid.uuid4().hex[:10]
-    db_a, log_a = await fresh_log(mongodb_uri, name)
-    db_b, log_b = await fresh_log(mongodb_uri, name)  # another instance: readers here, numbering over there
+async def test_readers_of_another_process_are_woken_by_a_change_stream_only_when_one_is_needed(instances):
+    db_a, log_a = await instances.open()
+    db_b, log_b = await instances.open()  # another instance: readers here, numbering over there
     numbering, looking = Relay(log_a), Relay(log_b, fallback=1.0)
     stop = asyncio.Event()
     tasks = [asyncio.ensure_future(t)
@@ -363,6 +363,3 @@ async def test_readers_of_another_process_are_woken_by_a_change_stream_only_when
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await db_a.client.drop_database(name)
-        db_a.close()
-        db_b.close()
