@@ -177,6 +177,9 @@ class Watched:
         """The stock table's "available" cell of the title."""
         return self.row(isbn).locator('td[data-col="available"]')
 
+    def title(self, isbn: str):
+        return self.row(isbn).locator('td[data-col="title"]')
+
     def order(self, order_id: str):
         return self.page.locator(f'li[data-order-id="{order_id}"]')
 
@@ -208,7 +211,7 @@ def test_the_page_loads_with_no_console_error_and_no_404(browser, live_shop, con
     expect(page.page.locator("#chart-desc")).to_contain_text("in the last hour", timeout=WAIT_MS)
     # the favicon is the page's own (no /favicon.ico 404), and the title of the row was looked up
     assert any(status == 200 and url.endswith("/static/favicon.svg") for status, url in seen), seen
-    expect(page.row(isbn).locator('td[data-col="title"]')).to_have_text(f"Live {isbn}", timeout=WAIT_MS)
+    expect(page.title(isbn)).to_have_text(f"Live {isbn}", timeout=WAIT_MS)
     page.page.reload()  # a reload keeps the sign-in (the refresh token is in sessionStorage) and logs nothing
     expect(page.page.locator("#tile-confirmed")).not_to_have_text("—", timeout=WAIT_MS)
     stored = page.page.evaluate("Object.keys(localStorage).length")
@@ -249,6 +252,8 @@ def test_a_restock_in_one_browser_flashes_the_row_in_another(browser, live_shop,
     other = Watched(watching, live_shop).open()  # anyone may watch the stock
     for page in (one, other):
         expect(page.available(isbn)).to_have_text("3", timeout=WAIT_MS)
+    # the feed names a title the page already knows (it fetches titles lazily): wait for it before the event
+    expect(other.title(isbn)).to_have_text(f"Live {isbn}", timeout=WAIT_MS)
     assert other.row(isbn).get_attribute("data-flashes") is None
     expect(other.row(isbn).locator("td.restock")).to_be_hidden()  # no staff controls for the anonymous
 
@@ -392,6 +397,9 @@ def test_offline_says_so_and_coming_back_catches_up(browser, live_shop, contexts
     watched = Watched(context, live_shop).open()
     page = watched.page
     expect(watched.available(isbn)).to_have_text("3", timeout=WAIT_MS)
+    # the feed names a title the page already knows (it fetches titles lazily, so one still being fetched when
+    # the network goes is named by its ISBN): wait for it before going offline
+    expect(watched.title(isbn)).to_have_text(f"Live {isbn}", timeout=WAIT_MS)
     context.set_offline(True)
     expect(page.locator("#conn-state")).to_have_text("offline", timeout=WAIT_MS)
     expect(page.locator("#conn-detail")).to_have_text("waiting for the network")
