@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 
-from bookshop.services import errors
+from bookshop.services import errors, periodic
 from bookshop.services.orders import (
     SYSTEM, OrderStatus, PaymentStatus, check_chargeable, price, qualifies_for_promotion,
 )
@@ -592,30 +592,19 @@ class Checkout:
         waiting for an upstream to come back), so that it is paid soon after it can be."""
         try:
             while not stop.is_set():
-                pause = every
+                busy = False
                 self._left_over = False
                 try:
-                    if await self.recover(wait=every) or self._recovering or self._left_over:
-                        pause = busy_every
+                    busy = bool(await self.recover(wait=every) or self._recovering or self._left_over)
                 except errors.DomainError as exc:
                     log.warning("recovery pass failed: %s", exc.code)
                 except Exception:  # noqa: BLE001 - the loop must outlive a bad pass (e.g. database down)
                     log.exception("recovery pass failed")
-                if pause == every:  # idle: a postponement meanwhile brings the next pass forward
-                    await _first_of(stop, self._soon, pause)
-                    pause = busy_every if self._soon.is_set() else 0
+                if not busy:  # idle: a postponement meanwhile brings the next pass forward
+                    await periodic.pause_until(stop, self._soon, every)
+                    busy = self._soon.is_set()
                 self._soon.clear()
-                if pause and not stop.is_set():
-                    await _first_of(stop, None, pause)
+                if busy:
+                    await periodic.pause(stop, busy_every)
         finally:
             self.stop_recovery()
-
-
-async def _first_of(stop: asyncio.Event, other: asyncio.Event | None, timeout: float) -> None:
-    """Wait until ``stop`` or ``other`` is set, or ``timeout`` seconds have passed."""
-    events = [asyncio.ensure_future(e.wait()) for e in (stop, other) if e is not None]
-    try:
-        await asyncio.wait(events, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in events:
-            waiter.cancel()

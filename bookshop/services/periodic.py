@@ -21,6 +21,16 @@ async def pause(stop: asyncio.Event, seconds: float) -> bool:
     return stop.is_set()
 
 
+async def pause_until(stop: asyncio.Event, other: asyncio.Event | None, seconds: float | None) -> None:
+    """Wait until ``stop`` or ``other`` is set, or ``seconds`` have passed (None: no limit)."""
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, other) if e is not None]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()
+
+
 class Backoff:
     """Jittered exponential back-off: ``first`` seconds, doubled after each wait up to ``cap``, each wait
     drawn between half and one and a half times that (so many clients do not come back in step)."""

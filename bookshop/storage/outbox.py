@@ -44,6 +44,7 @@ import pymongo
 import pymongo.errors
 from bson import ObjectId
 
+from bookshop.services.periodic import pause_until
 from bookshop.services.views import iso_z
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ class EventLog:
         while not stop.is_set():
             self._watch_check.clear()
             if not self.watch_wanted():
-                await _first(stop, self._watch_check, None)
+                await pause_until(stop, self._watch_check, None)
                 continue
             try:
                 async with self.events.watch([{"$match": {"operationType": "insert"}}],
@@ -259,23 +260,11 @@ class EventLog:
                 raise
             except pymongo.errors.PyMongoError as exc:
                 log.debug("event watch interrupted: %s", exc)
-                await _first(stop, None, 1.0)
+                await pause_until(stop, None, 1.0)
                 try:
                     await self.notify(await self.latest_seq())
                 except pymongo.errors.PyMongoError:
                     pass
-
-
-async def _first(stop: asyncio.Event, other: asyncio.Event | None, timeout: float | None) -> None:
-    """Wait until ``stop`` or ``other`` is set, or ``timeout`` seconds passed."""
-    waits = [asyncio.ensure_future(stop.wait())]
-    if other is not None:
-        waits.append(asyncio.ensure_future(other.wait()))
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 def rest_before_pass(spent: float, since: float, moved: int, pace: float = PACE_SECONDS) -> float:
@@ -467,13 +456,13 @@ class Relay:
                 self._lease_until = None
                 self._careful = True
                 full = True
-                await _first(stop, None, 1.0)
+                await pause_until(stop, None, 1.0)
                 continue
             ended = loop.time()
             full = self.blocked
             if moved >= self.batch:
                 continue  # a full batch: more may be waiting
-            await _first(stop, self.log.written, self.BLOCKED_RETRY if self.blocked else self.fallback)
+            await pause_until(stop, self.log.written, self.BLOCKED_RETRY if self.blocked else self.fallback)
             if stop.is_set():
                 break
             if self.log.written.is_set():
