@@ -6,6 +6,8 @@ These run the real storage engine in-process (``:memory:``) and count the docume
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from bookshop import database_process
@@ -79,15 +81,21 @@ def same(doc: dict, stored: dict) -> bool:
     return order_view(doc) == order_view(stored) and all(doc.get(f) == stored.get(f) for f in fields)
 
 
+@contextlib.asynccontextmanager
 async def _repo(uri: str):
+    """An order repository on a database of its own, dropped afterwards."""
     import uuid
 
     from bookshop.storage.mongo import Database
     from bookshop.storage.orders import OrderRepo
     database = Database(uri, f"t_{uuid.uuid4().hex[:10]}")
-    repo = OrderRepo(database, wake=lambda: None, created_hold=0)
-    await repo.create_indexes()
-    return database, repo
+    try:
+        repo = OrderRepo(database, wake=lambda: None, created_hold=0)
+        await repo.create_indexes()
+        yield database, repo
+    finally:
+        await database.client.drop_database(database.name)
+        database.close()
 
 
 def _order(repo, key: str = "k1") -> dict:
@@ -105,8 +113,7 @@ def _order(repo, key: str = "k1") -> dict:
 @pytest.mark.gen_test(timeout=60)
 async def test_a_transition_of_the_order_as_held_answers_what_the_database_stores(mongodb_uri):
     from bookshop.services.orders import OrderStatus
-    database, repo = await _repo(mongodb_uri)
-    try:
+    async with _repo(mongodb_uri) as (database, repo):
         order = _order(repo)
         assert await repo.insert(order)
         doc = await repo.transition(order, [OrderStatus.PENDING], OrderStatus.CANCELLED, by="system",
@@ -118,16 +125,12 @@ async def test_a_transition_of_the_order_as_held_answers_what_the_database_store
         assert stored["idem"]["answer"] == 2 and stored["payment"]["status"] == "declined"
         assert [e["event"] for e in (await database["orders"].find_one({"_id": order["_id"]}))["pending"]] == [
             "order.created", "order.status_changed"]
-    finally:
-        await database.client.drop_database(database.name)
-        database.close()
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_transition_of_an_order_changed_meanwhile_keeps_what_changed(mongodb_uri):
     from bookshop.services.orders import OrderStatus
-    database, repo = await _repo(mongodb_uri)
-    try:
+    async with _repo(mongodb_uri) as (database, repo):
         order = _order(repo)
         assert await repo.insert(order)
         assert await repo.record_pending_answer(order["_id"])  # the request answered 202 first
@@ -145,6 +148,3 @@ async def test_a_transition_of_an_order_changed_meanwhile_keeps_what_changed(mon
         assert doc["todo"] == ["payment", "stock"]
         # and an order no longer in the status asked for is not moved
         assert await repo.transition(order, [OrderStatus.PENDING], OrderStatus.CANCELLED, by="system") is None
-    finally:
-        await database.client.drop_database(database.name)
-        database.close()
