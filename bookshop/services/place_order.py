@@ -2,11 +2,13 @@
 answer, around ``Checkout`` (the saga itself).
 
 ``PlaceOrders.place(request)`` does, in this order: refuse at once when the checkout gate is full (before any
-database work); let a duplicate of a request this process is still answering wait for it (in memory); answer a
-known key from its order (``replay``) before the command is built, so a replay never depends on the cart as it
-is now; build the command (the cart's lines for ``from_cart``); create the order and run its saga in a
-background task the request waits on for ``wait`` seconds; answer ``201``, ``202 PENDING`` or the error the
-cancellation stands for, and record the answer in the order (a 5xx frees the key instead). The handler only
+database work); let a duplicate of a request this process is still answering wait for it (in memory), then answer
+it from the key's order; build the command (the cart's lines for ``from_cart``); create the order and run its saga
+in a background task the request waits on for ``wait`` seconds; answer ``201``, ``202 PENDING`` or the error the
+cancellation stands for, and record the answer in the order (a 5xx frees the key instead). A new key costs no
+read: the order's insert, with the key unique per customer, is what finds a repeated key, and a request refused
+before the insert (cart empty, card expired, price changed, busy) looks its key up first, so a replay is always
+the first answer (``replay``), never one made from the cart or the card as they are now. The handler only
 parses the request and writes the ``Answer``.
 """
 from __future__ import annotations
@@ -110,16 +112,32 @@ class PlaceOrders:
         else:
             await asyncio.wait([first], timeout=self.wait + 5)
         try:
-            # a replay is answered before the command is built: it must not depend on the cart as it is now
-            # (a confirmed from_cart order has emptied it)
-            existing = await self.orders.by_key(request.user_id, request.key)
-            if existing is not None:
-                return await self.replay(existing, request)
-            cmd = await self.command(request)
+            if first is not None:  # a duplicate of a request just answered here: its order is most likely there
+                existing = await self.orders.by_key(request.user_id, request.key)
+                if existing is not None:
+                    return await self.replay(existing, request)
+            # A new key costs no read: the insert with the key unique finds a replay (DuplicateRequest), and
+            # whatever is refused before the insert looks the key up first: a replay is the first answer whatever
+            # the cart (a confirmed from_cart order has emptied it), the card's dates, the prices or the gate are now
             try:
-                return await self._run(self.orders.new_id(), cmd, request)
-            except DuplicateRequest:  # a concurrent request with this key (in another process) got there first
+                cmd = await self.command(request)
+            except errors.DomainError:
+                existing = await self.orders.by_key(request.user_id, request.key)
+                if existing is not None:
+                    return await self.replay(existing, request)
+                raise
+            order_id = self.orders.new_id()
+            try:
+                order, task = await self.checkout.place(order_id, cmd, request.key, request.fingerprint,
+                                                        wait=self.wait)
+            except DuplicateRequest:  # another request with this key got there first
                 return await self.replay(None, request)
+            except errors.DomainError as exc:
+                existing = await self.orders.by_key(request.user_id, request.key)
+                if existing is not None:
+                    return await self.replay(existing, request)
+                return refusal(exc, self.status_of(exc))  # nothing was made: not an answer to remember
+            return await self._answer(order_id, order, task)
         finally:
             if mine is not None:
                 del self.requests[ident]
@@ -140,14 +158,10 @@ class PlaceOrders:
                           card=request.card, expected_total_cents=request.expected_total_cents,
                           from_cart=request.items is None, traceparent=request.traceparent)
 
-    async def _run(self, order_id: str, cmd: PlaceOrder, request: OrderRequest) -> Answer:
-        """Run the saga; answer 201 if it ends in time, 202 PENDING if it is still running (or failed
+    async def _answer(self, order_id: str, order: dict, task: asyncio.Future) -> Answer:
+        """Wait for the saga; answer 201 if it ends in time, 202 PENDING if it is still running (or failed
         unexpectedly: recovery takes it on). The answer is recorded in the order (see ``first_answer``); only a
         retryable refusal made before anything was charged frees the key."""
-        try:
-            order, task = await self.checkout.place(order_id, cmd, request.key, request.fingerprint, wait=self.wait)
-        except errors.DomainError as exc:  # nothing was made: not an answer to remember
-            return refusal(exc, self.status_of(exc))
         try:
             doc = await asyncio.wait_for(asyncio.shield(task), self.wait)
         except asyncio.TimeoutError:

@@ -50,6 +50,7 @@ class FakeRepo:
         self.promotions: dict[str, dict] = {}
         self.carts: dict[str, list[dict]] = {}
         self.writes = 0
+        self.key_reads = 0  # by_key calls
 
     async def give_back_lease(self, order_id, owner):
         doc = self.orders.get(order_id)
@@ -60,6 +61,10 @@ class FakeRepo:
         return copy.deepcopy(self.orders.get(order_id))
 
     async def by_key(self, user_id, key):
+        self.key_reads += 1
+        return self._by_key(user_id, key)
+
+    def _by_key(self, user_id, key):
         for doc in self.orders.values():
             if doc["user_id"] == user_id and (doc.get("idem") or {}).get("key") == key:
                 return copy.deepcopy(doc)
@@ -83,7 +88,7 @@ class FakeRepo:
     async def insert(self, doc):
         self.writes += 1
         key = (doc.get("idem") or {}).get("key")
-        if key is not None and await self.by_key(doc["user_id"], key) is not None:
+        if key is not None and self._by_key(doc["user_id"], key) is not None:  # the unique index
             return False
         self.orders[doc["_id"]] = copy.deepcopy(doc)
         return True
@@ -1024,3 +1029,29 @@ async def test_a_replay_after_the_card_expired_is_the_first_answer_and_a_new_key
     with pytest.raises(errors.InvalidInput) as refused:
         await place.place(request("k-july"))
     assert refused.value.details == {"field": "payment.exp_year"}
+
+
+@pytest.mark.gen_test
+async def test_a_new_key_costs_no_read_and_a_repeat_is_found_by_the_insert_or_before_a_refusal():
+    """The key's look-up was a read before every order; now the insert (the key unique) finds a repeat, and a
+    repeat that would be refused now (the price changed since, the gate busy) still gets its first answer."""
+    from bookshop.handlers.base import status_of
+    from bookshop.services.place_order import OrderRequest, PlaceOrders
+    w = World()
+    w.repo.new_id = w.new_id
+    place = PlaceOrders(w.checkout, w.repo, None, 2.0, status_of)
+
+    def request(key, expected=None):
+        return OrderRequest(user_id="u1", key=key, fingerprint="fp-" + key, items=[(A, 1)],
+                            shipping_address=ADDRESS, card=CARD, expected_total_cents=expected)
+    first = await place.place(request("k-1"))
+    assert first.status == 201 and w.repo.key_reads == 0
+    again = await place.place(request("k-1"))  # found by the insert
+    assert again.status == 201 and again.order["_id"] == first.order["_id"] and len(w.repo.orders) == 1
+    total = first.order["total_cents"]
+    assert (await place.place(request("k-2", expected=total))).status == 201
+    w.catalog.on_sale[A] = {**w.catalog.on_sale[A], "price_cents": w.catalog.on_sale[A]["price_cents"] + 100}
+    replay = await place.place(request("k-2", expected=total))
+    assert replay.status == 201 and replay.order["total_cents"] == total and len(w.repo.orders) == 2
+    refused = await place.place(request("k-3", expected=total))
+    assert refused.status == 409 and refused.code == "price_changed" and len(w.repo.orders) == 2
