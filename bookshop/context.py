@@ -13,6 +13,7 @@ from bookshop.auth import TokenVerifier
 from bookshop.clients.base import Http, ServiceTokens, UpstreamStates
 from bookshop.handlers import common
 from bookshop.handlers.base import Application, NotFoundHandler
+from bookshop.logs import AccessLog
 from bookshop.metrics import Metrics
 from bookshop.settings import Settings
 from bookshop.storage.mongo import Database
@@ -107,7 +108,7 @@ class ServiceContext:
             self.db.close()
 
 
-access_log = logging.getLogger("bookshop.access")
+access_log = AccessLog(logging.getLogger("bookshop.access"))
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -120,7 +121,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         ctx.metrics.observe(handler.request.method, route, status, seconds)
     level = logging.WARNING if status >= 500 else logging.DEBUG if route in ("/healthz", "/metrics") \
         else logging.INFO
-    access_log.log(level, "%s %s %d %.1fms", handler.request.method, route, status, seconds * 1000.0)
+    access_log.log(level, f"{handler.request.method} {route} {status} {seconds * 1000.0:.1f}ms")
 
 
 def make_app(ctx: ServiceContext, routes: list[tuple], deps: Any = None, **settings) -> tornado.web.Application:
