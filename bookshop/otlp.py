@@ -29,6 +29,8 @@ import time
 import urllib.parse
 from typing import Any, Mapping, Sequence
 
+from bookshop.spans import UNSET_STATUS as _LEAN_UNSET, LeanSpan as _LeanSpan
+
 log = logging.getLogger(__name__)
 
 _SPAN_KIND = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
@@ -169,24 +171,37 @@ class Encoder:
         return _field(1, _text(1, scope.name) + _text(2, scope.version or "")
                       + self._pairs.attributes(3, getattr(scope, "attributes", None)))
 
-    def span(self, span) -> bytes:
-        """One ``Span`` message (without its field tag)."""
-        ctx, parent, attrs = span.get_span_context(), span.parent, self._pairs.attributes
-        out = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big"),
-               _trace_state(ctx)]
-        if parent is not None:
-            out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-        key = (span.name, span.kind.name)
+    def _named(self, name: str, kind) -> bytes:
+        """A span's name and kind fields, by (name, kind): few distinct pairs, encoded once."""
+        key = (name, kind)
         named = self._names.get(key)
         if named is None:
-            named = _text(5, key[0]) + b"\x30" + _varint(_SPAN_KIND[key[1]])
+            named = _text(5, name) + b"\x30" + _varint(_SPAN_KIND[kind.name])
             if len(self._names) >= _Pairs.LIMIT:
                 self._names.clear()
             self._names[key] = named
-        out += (named, b"\x39", _pack_fixed64(span.start_time or 0), b"\x41", _pack_fixed64(span.end_time or 0),
-                attrs(9, span.attributes))
-        if span.dropped_attributes:
-            out += (b"\x50", _varint(span.dropped_attributes))
+        return named
+
+    def lean_span(self, span) -> bytes:
+        """``span`` for a ``bookshop.spans.LeanSpan``, read from its own fields in one pass: it applies no
+        limits (nothing dropped) and most have no events, no links and an unset status, whose fields are
+        written without the ``ReadableSpan`` properties' calls."""
+        ctx, parent = span._context, span._parent
+        out = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big")]
+        if ctx.trace_state:
+            out.append(_trace_state(ctx))
+        if parent is not None:
+            out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
+        out += (self._named(span._name, span._kind), b"\x39", _pack_fixed64(span._start_time or 0), b"\x41",
+                _pack_fixed64(span._end_time or 0), self._pairs.attributes(9, span._attributes))
+        if span._events or span._links:
+            out += self._events_links(span)
+        out += (_UNSET_STATUS if span._status is _LEAN_UNSET else self._status(span._status),
+                b"\x85\x01", _REMOTE_PARENT if parent is not None and parent.is_remote else _LOCAL_PARENT)
+        return b"".join(out)
+
+    def _events_links(self, span) -> list[bytes]:
+        out, attrs = [], self._pairs.attributes
         for event in span.events:
             body = b"\x09" + _pack_fixed64(event.timestamp or 0) + _text(2, event.name) + attrs(3, event.attributes)
             if event.dropped_attributes:
@@ -203,13 +218,32 @@ class Encoder:
             out.append(_field(13, body + b"\x35" + _flags(lc)))
         if span.dropped_links:
             out += (b"\x70", _varint(span.dropped_links))
-        status = span.status
-        if status is not None:
-            code = status.status_code.value
-            if code or status.description:
-                out.append(_field(15, _text(2, status.description or "") + (b"\x18" + _varint(code) if code else b"")))
-            else:
-                out.append(_UNSET_STATUS)
+        return out
+
+    @staticmethod
+    def _status(status) -> bytes:
+        if status is None:
+            return b""
+        code = status.status_code.value
+        if code or status.description:
+            return _field(15, _text(2, status.description or "") + (b"\x18" + _varint(code) if code else b""))
+        return _UNSET_STATUS
+
+    def span(self, span) -> bytes:
+        """One ``Span`` message (without its field tag)."""
+        if type(span) is _LeanSpan:
+            return self.lean_span(span)
+        ctx, parent, attrs = span.get_span_context(), span.parent, self._pairs.attributes
+        out = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big"),
+               _trace_state(ctx)]
+        if parent is not None:
+            out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
+        out += (self._named(span.name, span.kind), b"\x39", _pack_fixed64(span.start_time or 0), b"\x41",
+                _pack_fixed64(span.end_time or 0), attrs(9, span.attributes))
+        if span.dropped_attributes:
+            out += (b"\x50", _varint(span.dropped_attributes))
+        out += self._events_links(span)
+        out.append(self._status(span.status))
         out += (b"\x85\x01", _flags(parent))
         return b"".join(out)
 

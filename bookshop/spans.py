@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_UNSET_STATUS = Status(StatusCode.UNSET)
+#: the status of every span not given one (the encoder knows it by identity)
+UNSET_STATUS = Status(StatusCode.UNSET)
 
 
 class LeanSpan(ReadableSpan, trace.Span):
@@ -35,7 +36,7 @@ class LeanSpan(ReadableSpan, trace.Span):
                  attributes: dict, links, start_time: int, processor, resource, scope):
         self._name, self._context, self._parent, self._kind = name, context, parent, kind
         self._attributes, self._links, self._events = attributes, tuple(links or ()), []
-        self._start_time, self._end_time, self._status = start_time, None, _UNSET_STATUS
+        self._start_time, self._end_time, self._status = start_time, None, UNSET_STATUS
         self._resource, self._instrumentation_scope, self._instrumentation_info = resource, scope, None
         self._processor = processor
 

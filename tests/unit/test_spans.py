@@ -124,3 +124,22 @@ def test_a_span_limit_set_makes_the_sdk_record_and_apply_it(monkeypatch, tmp_pat
     finally:
         tracing.shutdown()
         tracing.setup("orders", (), {})
+
+
+def test_the_otlp_bytes_of_lean_spans_with_events_links_status_and_trace_state_are_the_sdks(recorded):
+    # the encoder reads a LeanSpan's own fields (its fast path): every field it writes is checked here
+    from opentelemetry.trace import TraceState
+    memory, processors = recorded
+    tracer = tracer_of(processors)
+    state = TraceState([("vendor", "v1")])
+    parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(0xABC, 0xDEF, True, TraceFlags(1), state)))
+    with tracer.start_as_current_span("POST /orders", parent, kind=SpanKind.SERVER,
+                                      links=[Link(SpanContext(0x123, 0x456, False, TraceFlags(1)), {"why": "origin"})],
+                                      attributes={"http.response.status_code": 503, "url.path": "/orders"}) as span:
+        span.add_event("retry", {"attempt": 2})
+        span.set_status(Status(StatusCode.ERROR, "upstream down"))
+        tracer.start_span("ok", kind=SpanKind.INTERNAL).end()
+    spans = memory.get_finished_spans()
+    assert all(type(s) is LeanSpan for s in spans) and spans[0].status.status_code is StatusCode.UNSET
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    assert ExportTraceServiceRequest.FromString(otlp.Encoder().request(spans)) == encode_spans(spans)
