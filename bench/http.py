@@ -4,7 +4,8 @@
 
 The services run as shipped: access log lines (INFO), metrics, a trace id per request, span export off. A
 second gateway beside the first, on the same upstreams, exports its spans (OTLP over HTTP) to a stand-in
-collector in this process (a tiny HTTP server that accepts OTLP posts and counts their spans).
+collector in this process (a tiny HTTP/1.1 server that accepts OTLP posts, keeps the connection alive as a
+real collector does, and counts their spans).
 
 wrk (-t2 -c32 by default) runs, ``--rounds`` times, a round of: the bare handler answering the warm book page's
 bytes (``bench/bare_server.py --document``; the baseline), GET /api/v1/books/{isbn} through the gateway (the
@@ -62,6 +63,8 @@ class Collector:
         self._lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a real collector
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 message = ExportTraceServiceRequest()

@@ -3,6 +3,7 @@ generated protobuf classes and compared as messages, over spans of every shape t
 they do not (events, links, trace state, arrays, every value type, error statuses, other resources)."""
 from __future__ import annotations
 
+import base64
 import gzip
 import http.server
 import threading
@@ -96,14 +97,20 @@ def test_a_value_it_cannot_encode_drops_that_attribute_only(caplog):
 class Collector:
     """A stand-in collector on a free port: answers the first ``fail`` posts with ``status``, then 200."""
 
-    def __init__(self, fail: int = 0, status: int = 503):
+    def __init__(self, fail: int = 0, status: int = 503, keep_alive: bool = False, hang_up: bool = False):
+        """``keep_alive``: HTTP/1.1, as a real collector speaks; ``hang_up``: and then close each connection
+        after its answer without saying so (as a collector's idle timeout does, between two posts)."""
         self.bodies, self.headers, self.fail, self.status = [], [], fail, status
+        self.peers: list[tuple] = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.headers.append(dict(self.headers))
+                outer.peers.append(self.client_address)
                 if outer.fail:
                     outer.fail -= 1
                     self.send_response(outer.status)
@@ -113,6 +120,8 @@ class Collector:
                     self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                if hang_up:
+                    self.close_connection = True
 
             def log_message(self, *args):
                 pass
@@ -152,6 +161,28 @@ def test_the_exporter_posts_to_the_standard_endpoint_with_headers_and_gzip(colle
     assert headers["api-key"] == "s=cret" and headers["x-team"] == "shop"
     assert headers["content-type"] == "application/x-protobuf" and headers["content-encoding"] == "gzip"
     exporter.shutdown()
+
+
+def test_posts_share_one_connection_and_a_connection_the_collector_closed_is_replaced_at_once(collector):
+    alive = collector(keep_alive=True)
+    exporter = otlp.SpanExporter({"OTEL_EXPORTER_OTLP_ENDPOINT": alive.url})
+    for _ in range(3):
+        assert exporter.export(recorded_spans()) == SpanExportResult.SUCCESS
+    assert len(alive.bodies) == 3 and len(set(alive.peers)) == 1
+    exporter.shutdown()
+    hanging = collector(keep_alive=True, hang_up=True)
+    exporter = otlp.SpanExporter({"OTEL_EXPORTER_OTLP_ENDPOINT": hanging.url})
+    for _ in range(3):  # no retry pause (1 s): the second and third posts find the old connection closed
+        assert exporter.export(recorded_spans()) == SpanExportResult.SUCCESS
+    assert len(hanging.bodies) == 3 and len(set(hanging.peers)) == 3 and exporter.failed == 0
+    exporter.shutdown()
+
+
+def test_credentials_in_the_endpoint_are_sent_as_basic_auth(collector):
+    c = collector()
+    exporter = otlp.SpanExporter({"OTEL_EXPORTER_OTLP_ENDPOINT": c.url.replace("//", "//us%40r:s3cret@")})
+    assert exporter.export(recorded_spans()) == SpanExportResult.SUCCESS
+    assert c.headers[0]["Authorization"] == "Basic " + base64.b64encode(b"us@r:s3cret").decode()
 
 
 def test_a_busy_collector_is_retried_and_a_refusing_one_drops_the_batch(collector, caplog):
