@@ -20,9 +20,9 @@ import pydantic
 import tornado.web
 
 from bookshop import auth, tracing
+from bookshop.errors import is_unavailable
 from bookshop.logs import request_id_var
 from bookshop.services import errors
-from bookshop.storage import is_unavailable
 from bookshop.validation import parse_json, validate
 
 log = logging.getLogger(__name__)

@@ -9,18 +9,13 @@ import pymongo.errors
 from motor.motor_asyncio import AsyncIOMotorClient
 
 from bookshop import tracing
+from bookshop.errors import is_unavailable  # noqa: F401 (storage's callers name it here too)
 from bookshop.services.errors import Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DuplicateKeyError = pymongo.errors.DuplicateKeyError
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """True when ``exc`` means the database cannot be reached (a 503, not a bug)."""
-    return isinstance(exc, (pymongo.errors.ConnectionFailure, pymongo.errors.ServerSelectionTimeoutError,
-                            pymongo.errors.NetworkTimeout, pymongo.errors.AutoReconnect))
 
 
 def with_required_options(uri: str) -> str:
