@@ -19,6 +19,7 @@ setup(
         "pydantic>=2.7",
         "prometheus-client>=0.20",
         "tenacity>=8.2",
+        "cachetools>=5",
         "circuitbreaker>=2.0",
         # tracing: the API everywhere; the SDK and the OTLP/HTTP exporter only when spans are exported
         "opentelemetry-api>=1.27",

@@ -1,7 +1,7 @@
 """The upstream clients, one class per sibling service."""
 from __future__ import annotations
 
-import collections
+import cachetools
 
 from bookshop.clients.base import Reply, UpstreamClient
 from bookshop.services import errors
@@ -60,13 +60,10 @@ class InventoryClient(UpstreamClient):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._isbns: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
+        self._isbns: cachetools.LRUCache[str, list[str]] = cachetools.LRUCache(maxsize=self.REMEMBERED)
 
     def _remember(self, order_id: str, items: list[dict]) -> None:
         self._isbns[order_id] = sorted({item["isbn"] for item in items})
-        self._isbns.move_to_end(order_id)
-        while len(self._isbns) > self.REMEMBERED:
-            self._isbns.popitem(last=False)
 
     async def levels(self, isbn: str) -> dict | None:
         reply = await self.request("GET", f"/api/v1/inventory/{isbn}", service_auth=False)
