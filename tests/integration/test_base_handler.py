@@ -108,3 +108,17 @@ async def test_private_route_needs_a_token_and_service_without_verifier_refuses_
     assert r.code == 401
     r = await fetch(http_client, base_url, "/private", headers={"Authorization": "Bearer abc"})
     assert r.code == 401
+
+
+@pytest.mark.gen_test
+async def test_every_answer_has_the_standard_headers_errors_included(http_client, base_url):
+    # BaseHandler.clear() replaces Tornado's (the Date text made once a second): same headers as before
+    import email.utils
+    import time
+    for path, code in (("/conflict", 409), ("/boom", 500), ("/nowhere", 404)):
+        r = await fetch(http_client, base_url, path, headers={"X-Request-ID": "req-h"})
+        assert r.code == code
+        assert r.headers["Content-Type"] == "application/json; charset=UTF-8"
+        assert r.headers["X-Request-ID"] == "req-h" and r.headers["Cache-Control"] == "no-store"
+        assert r.headers["Server"].startswith("TornadoServer/")
+        assert abs(email.utils.parsedate_to_datetime(r.headers["Date"]).timestamp() - time.time()) < 60
