@@ -65,6 +65,7 @@ def test_unsupported_export_settings_are_refused_at_start_up(env, message):
 def test_a_request_without_traceparent_starts_a_sampled_trace_and_its_span_is_current():
     def serve():
         span = tracing.start_request({}, "GET", "/x", "/x")
+        assert trace.get_current_span() is span
         return span, tracing.current_ids()
     span, ids = in_context(serve)
     assert not span.is_recording()
@@ -74,6 +75,17 @@ def test_a_request_without_traceparent_starts_a_sampled_trace_and_its_span_is_cu
     assert tracing.current_ids() is None  # the caller's context is untouched
     other, _ = in_context(serve)
     assert other.get_span_context().trace_id != ctx.trace_id
+
+
+def test_a_request_started_where_a_span_is_current_is_its_child():
+    outer = trace.NonRecordingSpan(trace.SpanContext(int(TRACE, 16), int(PARENT, 16), False,
+                                                     trace.TraceFlags(1)))
+
+    def serve():
+        with trace.use_span(outer):
+            return tracing.start_request({}, "GET", "/x", "/x").get_span_context()
+    ctx = in_context(serve)
+    assert ctx.trace_id == int(TRACE, 16) and ctx.span_id != int(PARENT, 16)
 
 
 @pytest.mark.parametrize("flags", ["01", "00"])
