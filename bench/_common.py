@@ -381,6 +381,17 @@ class Shop:
     def profile_path(self, service: str) -> str:
         return self.bench.path(f"{service}.prof")
 
+    def print_profiles(self, services: Iterable[str]) -> None:
+        """Stop the services run under cProfile (their stats are written on the way out) and print the hottest
+        functions of each."""
+        services = list(services)
+        if not services:
+            return
+        self.stop(*services)
+        for name in services:
+            print(f"\ncProfile of {name}:")
+            print(profile_report(self.profile_path(name)))
+
     def start(self, *services: str) -> "Shop":
         for name in services:
             cmd = [sys.executable, RUN_PY, "--service", name, "--port", str(self.ports[name])]
@@ -651,6 +662,34 @@ async def register_customers(shop: Shop, count: int, concurrency: int = 4) -> li
 
     async with aiohttp.ClientSession() as session:
         return list(await asyncio.gather(*(one(session, i) for i in range(count))))
+
+
+def staff_token(shop: Shop) -> str:
+    """An access token of the shop's staff account (``ADMIN_EMAIL``)."""
+    login = {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+    return expect(call("POST", shop.api + "/tokens", login), 200)["access_token"]
+
+
+# -- the dashboard in headless Chromium -----------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium_missing() -> bool:
+    """True, said on stderr, when the dashboard benches have no Chromium to drive."""
+    if os.path.exists(CHROMIUM):
+        return False
+    print(f"no Chromium at {CHROMIUM} (apt-get install chromium)", file=sys.stderr)
+    return True
+
+
+def sign_in_to_dashboard(page, shop: Shop) -> None:
+    """Open the dashboard, wait for its live stream and sign in as staff."""
+    from playwright.sync_api import expect as expect_page
+    page.goto(shop.url("gateway") + "/")
+    expect_page(page.locator("#conn-state")).to_have_text("live", timeout=30000)
+    page.fill("#signin-email", ADMIN_EMAIL)
+    page.fill("#signin-password", ADMIN_PASSWORD)
+    page.click("#signin-button")
 
 
 def metrics_count(base_url: str, route: str, method: str = "GET") -> int:

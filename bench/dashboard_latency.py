@@ -23,7 +23,6 @@ browser tests in tests/e2e assert behaviour with generous deadlines, never these
 import _bootstrap  # noqa: F401  (must come first: takes bench/ off sys.path)
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -33,7 +32,6 @@ from bench import _common as c
 from bookshop import SERVICES
 from bookshop.services.isbn import isbn13_check_digit
 
-CHROMIUM = "/usr/bin/chromium"
 
 # installed in the page with evaluate_handle(): a promise (in an object, or evaluate_handle would wait for it)
 # that resolves with Date.now() when the element's text holds the wanted words
@@ -62,15 +60,13 @@ def early_isbn() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
-    if not os.path.exists(CHROMIUM):
-        print(f"no Chromium at {CHROMIUM} (apt-get install chromium)", file=sys.stderr)
+    if c.chromium_missing():
         return 2
     from playwright.sync_api import expect, sync_playwright
     with c.Bench("dashboard-latency") as bench:
         shop = c.Shop(bench, bench.database(), demo_data=False)
         shop.start(*SERVICES)
-        login = {"email": c.ADMIN_EMAIL, "password": c.ADMIN_PASSWORD}
-        staff = c.expect(c.call("POST", shop.api + "/tokens", login), 200)["access_token"]
+        staff = c.staff_token(shop)
         isbn = early_isbn()
         c.expect(c.call("POST", shop.api + "/books", {"isbn": isbn, "title": "Latency", "authors": ["A. Author"],
                                                       "category": "bench", "price_cents": 990,
@@ -83,14 +79,10 @@ def main(argv=None) -> int:
         rows = {"restock → row": [], "restock answered": [], "order → tile": [], "order → feed": [],
                 "order answered": []}
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless=new", "--no-sandbox",
-                                                                        "--disable-gpu"])
+            browser = p.chromium.launch(executable_path=c.CHROMIUM,
+                                        args=["--headless=new", "--no-sandbox", "--disable-gpu"])
             page = browser.new_page()
-            page.goto(shop.url("gateway") + "/")
-            expect(page.locator("#conn-state")).to_have_text("live", timeout=30000)
-            page.fill("#signin-email", c.ADMIN_EMAIL)
-            page.fill("#signin-password", c.ADMIN_PASSWORD)
-            page.click("#signin-button")
+            c.sign_in_to_dashboard(page, shop)
             expect(page.locator("#tile-confirmed")).to_have_text("0", timeout=30000)
             cell = f'tr[data-isbn="{isbn}"] td[data-col="available"]'
             expect(page.locator(cell)).to_have_text(str(10 * args.rounds), timeout=30000)

@@ -17,8 +17,6 @@ import uuid
 
 from bench import _common as c
 
-CHROMIUM = "/usr/bin/chromium"
-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,23 +53,17 @@ def shop_a_little(shop: c.RunPy, staff: str, orders: int) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
-    if not os.path.exists(CHROMIUM):
-        print(f"no Chromium at {CHROMIUM} (apt-get install chromium)", file=sys.stderr)
+    if c.chromium_missing():
         return 2
     from playwright.sync_api import expect, sync_playwright
     with c.Bench("dashboard-shot") as bench:
         shop = c.RunPy(bench, demo_data=True).start()
-        login = {"email": c.ADMIN_EMAIL, "password": c.ADMIN_PASSWORD}
-        staff = c.expect(c.call("POST", shop.api + "/tokens", login), 200)["access_token"]
+        staff = c.staff_token(shop)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM,
+            browser = p.chromium.launch(executable_path=c.CHROMIUM,
                                         args=["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run"])
             page = browser.new_page(viewport={"width": args.width, "height": args.height}, color_scheme="light")
-            page.goto(shop.url("gateway") + "/")
-            expect(page.locator("#conn-state")).to_have_text("live", timeout=30000)
-            page.fill("#signin-email", c.ADMIN_EMAIL)
-            page.fill("#signin-password", c.ADMIN_PASSWORD)
-            page.click("#signin-button")
+            c.sign_in_to_dashboard(page, shop)
             expect(page.locator("#tile-confirmed")).not_to_have_text("—", timeout=30000)
             placed = shop_a_little(shop, staff, args.orders)
             some = c.expect(c.call("GET", shop.api + "/books?limit=1"), 200)["items"]

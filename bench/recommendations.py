@@ -268,10 +268,7 @@ def service_part(args, books, purchases, model) -> dict:
                 k: round(v * 1e6 / max(1, result.requests), 1) for k, v in used.items() if v > 0.02 * result.seconds}}
         out["reads"] = reads
         client.close()
-        if args.profile:
-            shop.stop()
-            for name in args.profile:
-                c.profile_report(shop.profile_path(name), name)
+        shop.print_profiles(args.profile)
     return out
 
 

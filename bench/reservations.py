@@ -274,11 +274,7 @@ def main(argv=None) -> int:
                f"{exact['commands_per_commit']} (states {exact['states']})")
         c.note("one hold on a level document already carrying holds/pending events, in-process: "
                + ", ".join(f"{shape}: {v['best_ms']} ms (x{v['ratio']})" for shape, v in holds.items()))
-        if args.profile:
-            shop.stop(*args.profile)
-            for service_name in args.profile:
-                print(f"\ncProfile of {service_name}:")
-                print(c.profile_report(shop.profile_path(service_name)))
+        shop.print_profiles(args.profile)
         c.emit({"bench": "reservations", "connections": args.connections, "duration_s": args.duration,
                 "baseline_rps": round(base.rps, 1), "cases": cases,
                 "ratios": {name: c.ratio(r["rps"], base.rps) for name, r in cases.items()},

@@ -222,11 +222,7 @@ def main(argv=None) -> int:
                f"(counted with their negative latency)")
         c.note("the inventory's part of the pipeline, in-process (median ms / db commands): "
                + ", ".join(f"{k} {v['ms']} ms / {v['commands']}" for k, v in pipeline.items()))
-        if args.profile:
-            shop.stop(*args.profile)
-            for service in args.profile:
-                print(f"\ncProfile of {service}:")
-                print(c.profile_report(shop.profile_path(service)))
+        shop.print_profiles(args.profile)
         c.emit({"bench": "ws_fanout", "clients": args.clients, "events": args.events, "interval_s": args.interval,
                 "baseline": base, "gateway": shop_run, "gateway_one_client": single, "pipeline_in_process": pipeline,
                 "ratio_p99": c.ratio(shop_run["latency_ms"]["p99"] or 0, base["latency_ms"]["p99"] or 0),
