@@ -147,11 +147,36 @@ class BaseHandler(tornado.web.RequestHandler):
         # SHA-1 of each body
         return None
 
-    async def prepare(self):
+    def prepare(self):
+        """Settles the request id and span, then what is decided before the body (``check()``). Tornado
+        awaits ``prepare()`` only when it returns an awaitable: a public request with no body and no token
+        that ``public_anonymous()`` accepts is decided here and now, without a coroutine."""
         _ = self.request_id
         inflight = getattr(self.ctx, "inflight", None)
         if inflight is not None:
             inflight.add(self)
+        if not self._stream_request_body and self.public_anonymous():
+            return None
+        return self._prepare()
+
+    def public_anonymous(self) -> bool:
+        """True when ``check()`` would let this request through with no principal, decided without awaiting:
+        the method is one of the handler's public ones, the route has it, and no ``Authorization`` is given.
+        False means "ask ``check()``" (never that the request is refused). A handler that overrides
+        ``check()`` overrides this too, or else its requests always take ``check()``."""
+        if type(self).check is not BaseHandler.check:
+            return False
+        return self._public_and_anonymous()
+
+    def _public_and_anonymous(self) -> bool:
+        request = self.request
+        method = request.method
+        if method not in self.public or "Authorization" in request.headers:
+            return False
+        name = method.lower()
+        return getattr(type(self), name, None) is not getattr(tornado.web.RequestHandler, name, None)
+
+    async def _prepare(self):
         if self._stream_request_body:  # else there is no body (Application)
             length = _header(self.request.headers, "Content-Length")
             if length is not None and length.isdigit() and int(length) > MAX_BODY:

@@ -50,6 +50,12 @@ class ProxyHandler(GatewayBase):
             raise tornado.web.HTTPError(405)
         await super().check()
 
+    def public_anonymous(self) -> bool:
+        # check() above, decided without awaiting (see BaseHandler.public_anonymous)
+        if type(self).check is not ProxyHandler.check:
+            return False
+        return self.request.method in self.methods and self._public_and_anonymous()
+
     async def forward(self, *_args):
         client = self.deps.upstreams.owner(self.upstream)
         headers = {h: self.request.headers[h] for h in FORWARDED_REQUEST_HEADERS if h in self.request.headers}

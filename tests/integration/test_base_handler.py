@@ -43,10 +43,26 @@ class PrivateHandler(BaseHandler):
         self.write_json({"secret": True})
 
 
+class GuardedHandler(BaseHandler):
+    """Public GET, but its own check() refuses: a public request's synchronous fast path must not skip it."""
+    public = {"GET"}
+
+    async def check(self) -> None:
+        raise errors.Forbidden("closed")
+
+    def get(self):
+        self.write_json({"open": True})
+
+
+class GuardedChild(GuardedHandler):
+    pass
+
+
 @pytest.fixture
 def app():
     return make_app(ProbeContext(), [(r"/boom", BoomHandler), (r"/conflict", ConflictHandler),
-                                     (r"/private", PrivateHandler)])
+                                     (r"/private", PrivateHandler), (r"/guarded", GuardedHandler),
+                                     (r"/guarded-child", GuardedChild)])
 
 
 @pytest.mark.gen_test
@@ -122,3 +138,20 @@ async def test_every_answer_has_the_standard_headers_errors_included(http_client
         assert r.headers["X-Request-ID"] == "req-h" and r.headers["Cache-Control"] == "no-store"
         assert r.headers["Server"].startswith("TornadoServer/")
         assert abs(email.utils.parsedate_to_datetime(r.headers["Date"]).timestamp() - time.time()) < 60
+
+
+@pytest.mark.gen_test
+async def test_public_requests_without_a_token_still_pass_every_check(http_client, base_url):
+    # a bodiless public GET with no Authorization is decided in prepare() without a coroutine; anything
+    # else (a token, another method, a handler with its own check()) takes the full check()
+    r = await fetch(http_client, base_url, "/conflict")
+    assert r.code == 409
+    r = await fetch(http_client, base_url, "/conflict", headers={"Authorization": "Bearer abc"})
+    assert r.code == 401  # a token given is still verified (this service takes none)
+    r = await fetch(http_client, base_url, "/conflict", method="DELETE")
+    assert r.code == 405
+    for path in ("/guarded", "/guarded-child"):
+        r = await fetch(http_client, base_url, path)
+        assert r.code == 403 and json.loads(r.body)["error"]["code"] == "forbidden"
+    r = await fetch(http_client, base_url, "/private")
+    assert r.code == 401
