@@ -15,7 +15,7 @@ from bookshop.handlers.common import given_request_id, int_arg
 from bookshop.handlers.live import LiveSocket
 from bookshop.net import client_address
 from bookshop.services import errors
-from bookshop.services.isbn import normalize_isbn
+from bookshop.services.isbn import normalized
 from bookshop.ws.channels import ChannelError, authorize, valid_epoch
 from bookshop.ws.hub import long_poll
 
@@ -87,7 +87,7 @@ class BookPageHandler(ProxyHandler):
     correct by the services' event streams."""
 
     async def get(self, raw_isbn):
-        isbn = normalize_isbn(raw_isbn)
+        isbn = normalized(raw_isbn)
         cache = self.deps.cache
         personal = self.principal is not None and self.principal.role == "customer"
         token = self.request.headers["Authorization"].split(" ", 1)[1] if personal else None

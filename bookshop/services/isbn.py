@@ -76,3 +76,23 @@ def is_valid_isbn(value: object) -> bool:
     except InvalidInput:
         return False
     return True
+
+
+#: how many accepted values ``normalized`` remembers before it starts again from empty
+REMEMBERED = 4096
+_normalized: dict[str, str] = {}
+
+
+def normalized(value: str, field: str = "isbn") -> str:
+    """``normalize_isbn(value, field)``, remembering the values it accepted (at most ``REMEMBERED``, then
+    forgotten all at once): a route that checks the ISBN of every request pays the arithmetic once per
+    ISBN. Refusals are not remembered, so they raise exactly as ``normalize_isbn`` does."""
+    if type(value) is str:
+        isbn = _normalized.get(value)
+        if isbn is not None:
+            return isbn
+    isbn = normalize_isbn(value, field)
+    if len(_normalized) >= REMEMBERED:
+        _normalized.clear()
+    _normalized[value] = isbn
+    return isbn

@@ -1,7 +1,8 @@
 import pytest
 
 from bookshop.services.errors import InvalidInput
-from bookshop.services.isbn import is_valid_isbn, isbn13_check_digit, normalize_isbn
+from bookshop.services import isbn as isbn_module
+from bookshop.services.isbn import is_valid_isbn, isbn13_check_digit, normalize_isbn, normalized
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -108,3 +109,20 @@ def test_error_names_the_given_field():
         normalize_isbn("nope", field="items[2].isbn")
     assert exc.value.details == {"field": "items[2].isbn"}
     assert exc.value.message.startswith("items[2].isbn: not a valid ISBN-10 or ISBN-13")
+
+
+def test_normalized_remembers_accepted_values_and_refuses_as_normalize_isbn(monkeypatch):
+    monkeypatch.setattr(isbn_module, "_normalized", {})
+    monkeypatch.setattr(isbn_module, "REMEMBERED", 3)
+    assert normalized("0-306-40615-2") == normalized("0-306-40615-2") == "9780306406157"
+    assert normalized("9780306406157") == "9780306406157"
+    for bad in ("9780306406158", "x", 9780306406157, "9" * 100):
+        with pytest.raises(InvalidInput) as exc:
+            normalized(bad, field="isbns[0]")
+        assert exc.value.details == {"field": "isbns[0]"}
+    assert set(isbn_module._normalized) == {"0-306-40615-2", "9780306406157"}  # refusals are not kept
+    first12 = "979000000000"
+    for i in range(5):  # bounded: forgotten all at once when full
+        value = first12[:-1] + str(i)
+        normalized(value + isbn13_check_digit(value))
+        assert len(isbn_module._normalized) <= 3
