@@ -107,13 +107,37 @@ class _Pairs:
 
     def __init__(self):
         self._cache: dict[tuple, bytes] = {}
+        self._keys: dict[tuple[int, str], tuple[bytes, bytes]] = {}  # (number, key): (field tag, key field)
+
+    def _unique_text(self, number: int, key: str, value: str) -> bytes:
+        """The field of a string attribute whose value is one a request (``UNIQUE``): made each time, its
+        key's part once."""
+        head = self._keys.get((number, key))
+        if head is None:
+            head = self._keys[(number, key)] = (_varint(number << 3 | 2), _field(1, key.encode("utf-8")))
+        encoded = value.encode("utf-8")
+        any_value = b"\x0a" + _varint(len(encoded)) + encoded
+        pair = head[1] + b"\x12" + _varint(len(any_value)) + any_value
+        return head[0] + _varint(len(pair)) + pair
 
     def attributes(self, number: int, attributes: Mapping[str, Any] | None) -> bytes:
         if not attributes:
             return b""
-        cache, parts = self._cache, []
+        cache, parts, unique = self._cache, [], self.UNIQUE
         for key, value in attributes.items():
-            ident: tuple | None = None if key in self.UNIQUE else (number, key, type(value), value)
+            if type(value) is str:  # most of them: no type in the key, no TypeError to expect
+                if key in unique:
+                    parts.append(self._unique_text(number, key, value))
+                    continue
+                encoded = cache.get((number, key, value))
+                if encoded is None:
+                    encoded = _field(number, _key_value(key, value))
+                    if len(cache) >= self.LIMIT:
+                        cache.clear()
+                    cache[(number, key, value)] = encoded
+                parts.append(encoded)
+                continue
+            ident: tuple | None = None if key in unique else (number, key, type(value), value)
             try:
                 encoded = cache.get(ident) if ident is not None else None
             except TypeError:  # a list or a dict: encoded each time

@@ -209,7 +209,7 @@ def test_the_pair_cache_keeps_caching_what_repeats_and_never_per_request_values(
     for n in range(3 * otlp._Pairs.LIMIT):
         pairs.attributes(9, {"url.path": f"/api/v1/books/{n}", "peer": f"p{n}", "http.request.method": "GET"})
     assert not any(key[1] == "url.path" for key in pairs._cache)
-    assert (9, "http.request.method", str, "GET") in pairs._cache  # still cached after the clears
+    assert (9, "http.request.method", "GET") in pairs._cache  # still cached after the clears (text: no type)
     assert len(pairs._cache) <= otlp._Pairs.LIMIT
 
 
@@ -220,3 +220,14 @@ def test_the_timeout_reads_milliseconds_or_seconds_and_credentials_stay_out_of_t
                                   "OTEL_EXPORTER_OTLP_TIMEOUT": "300"})
     assert exporter.export(recorded_spans()) == SpanExportResult.FAILURE
     assert "127.0.0.1:9" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_per_request_text_values_of_any_length_are_the_sdks_bytes():
+    # url.path / url.full values are encoded each time, their key's part once: lengths past one varint byte,
+    # non-ASCII text, and a key whose value is text in one span and a number in another
+    spans = recorded_spans()[:1]
+    encoder = otlp.Encoder()
+    for attributes in ({"url.path": "/" + "é" * 200, "url.full": "http://x/" + "a" * 20000, "k": "v"},
+                       {"url.path": "", "k": 1}, {"url.path": "/b/2", "k": "1"}, {"k": True}):
+        spans[0]._attributes = attributes
+        assert ExportTraceServiceRequest.FromString(encoder.request(spans)) == encode_spans(spans)
