@@ -121,6 +121,18 @@ class LeanTracer(trace.Tracer):
         self._processor.on_start(span, parent_context=context)
         return span
 
+    def new_trace(self, name: str, kind: SpanKind, attributes: dict) -> LeanSpan | None:
+        """``start_span(name, None, kind, attributes)`` where no span is current, in one step (the server span of
+        every request that comes without a trace): the span keeps ``attributes``, a dict of the caller's making.
+        None when a sampler is named (``start_span`` asks it)."""
+        if self._sampler is not None:
+            return None
+        ctx = SpanContext(random.getrandbits(128) or 1, random.getrandbits(64) or 1, False, _SAMPLED)
+        span = LeanSpan(name, ctx, None, kind, attributes, None, time.time_ns(), self._processor, self._resource,
+                        self._scope)
+        self._processor.on_start(span, parent_context=None)
+        return span
+
     @contextlib.contextmanager
     def start_as_current_span(self, name: str, context=None, kind: SpanKind = SpanKind.INTERNAL,
                               attributes=None, links=None, start_time=None, record_exception=True,

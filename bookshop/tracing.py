@@ -88,6 +88,8 @@ class _Tracing:
         self.tracer: trace.Tracer = IdsOnlyTracer()
         self.recording = False
         self.provider = None
+        #: LeanTracer.new_trace while it records spans, else None
+        self.new_trace = None
         self.fields: frozenset[str] | None = None  # the propagator's header names, once known
 
 
@@ -106,7 +108,7 @@ def setup(service: str, exporters: tuple[str, ...], env: Mapping[str, str] | Non
         propagate.set_global_textmap(TraceContextTextMapPropagator())
     _state.fields = None
     if not exporters and not span_dir:
-        _state.tracer, _state.recording, _state.provider = IdsOnlyTracer(), False, None
+        _state.tracer, _state.recording, _state.provider, _state.new_trace = IdsOnlyTracer(), False, None, None
         return
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor, TracerProvider, sampling
@@ -135,6 +137,7 @@ def setup(service: str, exporters: tuple[str, ...], env: Mapping[str, str] | Non
     # span limits are the SDK span's business (a LeanSpan applies none)
     _state.tracer = provider.get_tracer("bookshop") if limits else LeanTracer(resource, processors, sampler)
     _state.recording, _state.provider = True, provider
+    _state.new_trace = getattr(_state.tracer, "new_trace", None)
     log.info("tracing: exporting spans (%s)", ", ".join(exporters + (("test file",) if span_dir else ())))
 
 
@@ -179,6 +182,16 @@ def start_request(headers, method: str, route: str, path: str) -> trace.Span:
         otel_context.attach(otel_context.set_value(_SPAN_KEY, span))
         trace_ids_var.set((format(trace_id, "032x"), format(span_id, "016x")))
         return span
+    elif _state.new_trace is not None and otel_context.get_value(_SPAN_KEY) is None:
+        # the same with export on: a new trace's recorded span, without the tracer's look-up of a current span,
+        # its copy of the attributes and the context copy through set_span_in_context
+        span = _state.new_trace(f"{method} {route_name(route)}", SpanKind.SERVER, {
+            "http.request.method": method, "http.route": route, "url.path": path})
+        if span is not None:
+            otel_context.attach(otel_context.set_value(_SPAN_KEY, span))
+            ids = span._context
+            trace_ids_var.set((format(ids.trace_id, "032x"), format(ids.span_id, "016x")))
+            return span
     if _state.recording:
         span = _state.tracer.start_span(f"{method} {route_name(route)}", parent, SpanKind.SERVER, {
             "http.request.method": method, "http.route": route, "url.path": path})

@@ -1,6 +1,7 @@
 """Tracing, log lines and metrics without a server: ids, propagation, exporters' set-up, the span listener."""
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import io
 import json
@@ -187,6 +188,30 @@ def test_recorded_spans_keep_their_parents_and_leave_documents_out(recording):
                                 "db.operation.name": "insert", "db.collection.name": "charges",
                                 "server.address": "127.0.0.1", "server.port": 27017}
     assert "4242" not in json.dumps(recording())
+
+
+def test_a_recorded_request_without_traceparent_starts_a_trace_and_one_under_a_current_span_is_its_child(
+        recording):
+    # the new trace's span is made in one step (LeanTracer.new_trace): same span as the tracer's start_span
+    outer = trace.NonRecordingSpan(trace.SpanContext(int(TRACE, 16), int(PARENT, 16), False,
+                                                     trace.TraceFlags(1)))
+
+    def serve(under):
+        with trace.use_span(outer) if under else contextlib.nullcontext():
+            span = tracing.start_request({}, "GET", "/api/v1/books/([^/]{1,64})", "/api/v1/books/1")
+            assert trace.get_current_span() is span and span.is_recording()
+            ids = tracing.current_ids()
+            tracing.end_request(span, 200)
+        return span.get_span_context(), ids
+    new, new_ids = in_context(lambda: serve(False))
+    child, _ = in_context(lambda: serve(True))
+    assert new_ids == (format(new.trace_id, "032x"), format(new.span_id, "016x")) and new.trace_flags.sampled
+    spans = {s["span_id"]: s for s in recording()}
+    first = spans[format(new.span_id, "016x")]
+    assert first["name"] == "GET /api/v1/books/{id}" and first["kind"] == "SERVER" and first["parent_id"] is None
+    assert first["attributes"] == {"http.request.method": "GET", "http.route": "/api/v1/books/([^/]{1,64})",
+                                   "url.path": "/api/v1/books/1", "http.response.status_code": 200}
+    assert child.trace_id == int(TRACE, 16) and spans[format(child.span_id, "016x")]["parent_id"] == PARENT
 
 
 def test_database_commands_of_background_work_make_no_spans(recording):
