@@ -163,12 +163,15 @@ class BaseHandler(tornado.web.RequestHandler):
         """True when ``check()`` would let this request through with no principal, decided without awaiting:
         the method is one of the handler's public ones, the route has it, and no ``Authorization`` is given.
         False means "ask ``check()``" (never that the request is refused). A handler that overrides
-        ``check()`` overrides this too, or else its requests always take ``check()``."""
+        ``check()`` overrides this too, or else its requests always take ``check()``; one that overrides
+        ``authenticate()`` always takes it."""
         if type(self).check is not BaseHandler.check:
             return False
         return self._public_and_anonymous()
 
     def _public_and_anonymous(self) -> bool:
+        if type(self).authenticate is not BaseHandler.authenticate:
+            return False  # its own authenticate() (the account routes read the gateway's relay token) must run
         request = self.request
         method = request.method
         if method not in self.public or "Authorization" in request.headers:

@@ -58,11 +58,24 @@ class GuardedChild(GuardedHandler):
     pass
 
 
+class OwnAuthenticateHandler(BaseHandler):
+    """Public GET with its own authenticate() (as the account routes read the gateway's relay token): it runs."""
+    public = {"GET"}
+    relayed = False
+
+    async def authenticate(self) -> None:
+        await super().authenticate()
+        self.relayed = self.request.headers.get("X-Service-Authorization") == "Bearer relay"
+
+    def get(self):
+        self.write_json({"relayed": self.relayed})
+
+
 @pytest.fixture
 def app():
     return make_app(ProbeContext(), [(r"/boom", BoomHandler), (r"/conflict", ConflictHandler),
                                      (r"/private", PrivateHandler), (r"/guarded", GuardedHandler),
-                                     (r"/guarded-child", GuardedChild)])
+                                     (r"/guarded-child", GuardedChild), (r"/own-auth", OwnAuthenticateHandler)])
 
 
 @pytest.mark.gen_test
@@ -155,3 +168,5 @@ async def test_public_requests_without_a_token_still_pass_every_check(http_clien
         assert r.code == 403 and json.loads(r.body)["error"]["code"] == "forbidden"
     r = await fetch(http_client, base_url, "/private")
     assert r.code == 401
+    r = await fetch(http_client, base_url, "/own-auth", headers={"X-Service-Authorization": "Bearer relay"})
+    assert r.code == 200 and json.loads(r.body) == {"relayed": True}  # its own authenticate() ran
