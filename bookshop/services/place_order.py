@@ -113,18 +113,18 @@ class PlaceOrders:
             await asyncio.wait([first], timeout=self.wait + 5)
         try:
             if first is not None:  # a duplicate of a request just answered here: its order is most likely there
-                existing = await self.orders.by_key(request.user_id, request.key)
-                if existing is not None:
-                    return await self.replay(existing, request)
+                known = await self.known(request)
+                if known is not None:
+                    return known
             # A new key costs no read: the insert with the key unique finds a replay (DuplicateRequest), and
             # whatever is refused before the insert looks the key up first: a replay is the first answer whatever
             # the cart (a confirmed from_cart order has emptied it), the card's dates, the prices or the gate are now
             try:
                 cmd = await self.command(request)
             except errors.DomainError:
-                existing = await self.orders.by_key(request.user_id, request.key)
-                if existing is not None:
-                    return await self.replay(existing, request)
+                known = await self.known(request)
+                if known is not None:
+                    return known
                 raise
             order_id = self.orders.new_id()
             try:
@@ -133,9 +133,9 @@ class PlaceOrders:
             except DuplicateRequest:  # another request with this key got there first
                 return await self.replay(None, request)
             except errors.DomainError as exc:
-                existing = await self.orders.by_key(request.user_id, request.key)
-                if existing is not None:
-                    return await self.replay(existing, request)
+                known = await self.known(request)
+                if known is not None:
+                    return known
                 return refusal(exc, self.status_of(exc))  # nothing was made: not an answer to remember
             return await self._answer(order_id, order, task)
         finally:
@@ -181,6 +181,11 @@ class PlaceOrders:
                 return Answer(202, order)
             doc = await self.orders.get(order_id)  # decided meanwhile: that is the answer
         return order_answer(first_answer(doc))
+
+    async def known(self, request: OrderRequest) -> Answer | None:
+        """The first answer of the request's key, if an order was made with it (else None)."""
+        existing = await self.orders.by_key(request.user_id, request.key)
+        return None if existing is None else await self.replay(existing, request)
 
     async def replay(self, found: dict | None, request: OrderRequest) -> Answer:
         """Answer a repeated key with its first answer, waiting (a while) for it if the first request is
