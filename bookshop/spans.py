@@ -121,12 +121,10 @@ class LeanTracer(trace.Tracer):
         self._processor.on_start(span, parent_context=context)
         return span
 
-    def new_trace(self, name: str, kind: SpanKind, attributes: dict) -> LeanSpan | None:
+    def new_trace(self, name: str, kind: SpanKind, attributes: dict) -> LeanSpan:
         """``start_span(name, None, kind, attributes)`` where no span is current, in one step (the server span of
         every request that comes without a trace): the span keeps ``attributes``, a dict of the caller's making.
-        None when a sampler is named (``start_span`` asks it)."""
-        if self._sampler is not None:
-            return None
+        Only without a named sampler (``start_span`` asks it; ``tracing.setup`` knows)."""
         ctx = SpanContext(random.getrandbits(128) or 1, random.getrandbits(64) or 1, False, _SAMPLED)
         span = LeanSpan(name, ctx, None, kind, attributes, None, time.time_ns(), self._processor, self._resource,
                         self._scope)

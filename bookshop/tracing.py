@@ -70,7 +70,12 @@ class IdsOnlyTracer(trace.Tracer):
         if parent.is_valid:
             return NonRecordingSpan(SpanContext(parent.trace_id, span_id, False, parent.trace_flags,
                                                 parent.trace_state))
-        return NonRecordingSpan(SpanContext(random.getrandbits(128) or 1, span_id, False, _SAMPLED))
+        return self.new_trace(name, kind, attributes)
+
+    def new_trace(self, name: str, kind: SpanKind, attributes=None) -> trace.Span:
+        """The first span of a new trace (``start_span`` where no span is current), in one step."""
+        return NonRecordingSpan(SpanContext(random.getrandbits(128) or 1, random.getrandbits(64) or 1, False,
+                                            _SAMPLED))
 
     @contextlib.contextmanager
     def start_as_current_span(self, name: str, context=None, kind: SpanKind = SpanKind.INTERNAL,
@@ -88,8 +93,8 @@ class _Tracing:
         self.tracer: trace.Tracer = IdsOnlyTracer()
         self.recording = False
         self.provider = None
-        #: LeanTracer.new_trace while it records spans, else None
-        self.new_trace = None
+        #: the tracer's ``new_trace`` (the first span of a new trace, in one step), None where a sampler decides
+        self.new_trace = self.tracer.new_trace
         self.fields: frozenset[str] | None = None  # the propagator's header names, once known
 
 
@@ -108,7 +113,8 @@ def setup(service: str, exporters: tuple[str, ...], env: Mapping[str, str] | Non
         propagate.set_global_textmap(TraceContextTextMapPropagator())
     _state.fields = None
     if not exporters and not span_dir:
-        _state.tracer, _state.recording, _state.provider, _state.new_trace = IdsOnlyTracer(), False, None, None
+        _state.tracer, _state.recording, _state.provider = IdsOnlyTracer(), False, None
+        _state.new_trace = _state.tracer.new_trace
         return
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor, TracerProvider, sampling
@@ -137,7 +143,7 @@ def setup(service: str, exporters: tuple[str, ...], env: Mapping[str, str] | Non
     # span limits are the SDK span's business (a LeanSpan applies none)
     _state.tracer = provider.get_tracer("bookshop") if limits else LeanTracer(resource, processors, sampler)
     _state.recording, _state.provider = True, provider
-    _state.new_trace = getattr(_state.tracer, "new_trace", None)
+    _state.new_trace = _state.tracer.new_trace if isinstance(_state.tracer, LeanTracer) and sampler is None else None
     log.info("tracing: exporting spans (%s)", ", ".join(exporters + (("test file",) if span_dir else ())))
 
 
@@ -175,30 +181,21 @@ def start_request(headers, method: str, route: str, path: str) -> trace.Span:
     parent = None
     if not _propagator_fields().isdisjoint(headers):  # one pass over the header names, no lookups
         parent = propagate.extract(headers)
-    elif not _state.recording and otel_context.get_value(_SPAN_KEY) is None:
-        # the common case, a new trace with export off: IdsOnlyTracer's new trace, made here in one step
-        trace_id, span_id = random.getrandbits(128) or 1, random.getrandbits(64) or 1
-        span = NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))
-        otel_context.attach(otel_context.set_value(_SPAN_KEY, span))
-        trace_ids_var.set((format(trace_id, "032x"), format(span_id, "016x")))
-        return span
-    elif _state.new_trace is not None and otel_context.get_value(_SPAN_KEY) is None:
-        # the same with export on: a new trace's recorded span, without the tracer's look-up of a current span,
-        # its copy of the attributes and the context copy through set_span_in_context
-        span = _state.new_trace(f"{method} {route_name(route)}", SpanKind.SERVER, {
-            "http.request.method": method, "http.route": route, "url.path": path})
-        if span is not None:
-            otel_context.attach(otel_context.set_value(_SPAN_KEY, span))
-            ids = span._context
-            trace_ids_var.set((format(ids.trace_id, "032x"), format(ids.span_id, "016x")))
-            return span
     if _state.recording:
-        span = _state.tracer.start_span(f"{method} {route_name(route)}", parent, SpanKind.SERVER, {
-            "http.request.method": method, "http.route": route, "url.path": path})
+        name, attributes = f"{method} {route_name(route)}", {
+            "http.request.method": method, "http.route": route, "url.path": path}
     else:
-        span = _state.tracer.start_span(route, parent, SpanKind.SERVER)
+        name, attributes = route, None
+    if parent is None and _state.new_trace is not None and otel_context.get_value(_SPAN_KEY) is None:
+        # a new trace, the common case: made in one step, without the tracer's look-up of a current span and
+        # the context copy through set_span_in_context
+        span = _state.new_trace(name, SpanKind.SERVER, attributes)
+        context = otel_context.set_value(_SPAN_KEY, span)
+    else:
+        span = _state.tracer.start_span(name, parent, SpanKind.SERVER, attributes)
+        context = trace.set_span_in_context(span, parent)
     # never detached: the context belongs to the handler's own task and ends with it
-    otel_context.attach(trace.set_span_in_context(span, parent))
+    otel_context.attach(context)
     ids = span.get_span_context()
     trace_ids_var.set((format(ids.trace_id, "032x"), format(ids.span_id, "016x")))
     return span
