@@ -177,6 +177,7 @@ class FakeCoPurchases:
         self.lease: tuple[str, float] | None = None
         self.commits = 0
         self.fail_next_commit = False
+        self.most_customers = None  # a commit of more customers than this raises BatchTooLarge
 
     async def take_lease(self, owner, seconds):
         if self.lease is None or self.lease[0] == owner:
@@ -204,6 +205,8 @@ class FakeCoPurchases:
         if self.fail_next_commit:
             self.fail_next_commit = False
             raise errors.Unavailable("database down")
+        if self.most_customers is not None and len(model.dirty_customers) > self.most_customers:
+            raise rec.BatchTooLarge(f"{len(model.dirty_customers)} customers")
         if not self.stream.built or self.stream.last_seq != before.last_seq:
             return False
         for c in model.dirty_customers:

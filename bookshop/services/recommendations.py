@@ -371,6 +371,10 @@ class NeedsRebuild(Exception):
     """The events met do not continue what was applied."""
 
 
+class BatchTooLarge(Exception):
+    """A batch writes more than a store commits at once: commit it in parts."""
+
+
 class Store(ReadStore, Protocol):
     async def take_lease(self, owner: str, seconds: float) -> bool: ...
     async def release_lease(self, owner: str) -> None: ...
@@ -568,7 +572,14 @@ class Learner:
         model.partners = await self.store.partners_of(sorted({d.book for d in deltas}))
         model.count(deltas)
         after = dataclasses.replace(before, last_seq=last_seq, last_event=last_event)
-        if not await self.store.commit(before, after, model):
+        try:
+            committed = await self.store.commit(before, after, model)
+        except BatchTooLarge:
+            if len(events) < 2:
+                raise
+            half = len(events) // 2
+            return await self.apply(events[:half]) and await self.apply(events[half:])
+        if not committed:
             return False
         self.state = after
         self.applied += len(todo)

@@ -231,6 +231,145 @@ async def test_the_store_commits_a_batch_whole_and_once(mongodb_uri):
         db.close()
 
 
+# a follower process that commits one batch (u2 buys A+C, continuing seq 1) and stops dead in the middle of
+# writing it, just before its first write to the partner lists: then it is killed
+_DIES_MID_COMMIT = """
+import asyncio, sys
+from motor.motor_asyncio import AsyncIOMotorCollection
+from bookshop.services import recommendations as rec
+from bookshop.storage.mongo import Database
+from bookshop.storage.recommendations import CoPurchaseRepo
+
+async def main(uri, name, a, c):
+    real = AsyncIOMotorCollection.bulk_write
+    async def bulk_write(self, *args, **kwargs):
+        if self.name == "partners":
+            print("writing", flush=True)
+            await asyncio.sleep(3600)
+        return await real(self, *args, **kwargs)
+    AsyncIOMotorCollection.bulk_write = bulk_write
+    repo = CoPurchaseRepo(Database(uri, name))
+    model = rec.CoPurchases(await repo.holdings_of(["u2"]))
+    deltas = model.hold(rec.OrderChange("u2", "000000000000000000000002", True, (a, c)))
+    model.partners = await repo.partners_of(sorted({d.book for d in deltas}))
+    model.count(deltas)
+    await repo.commit(await repo.state(), rec.StreamState(built=True, last_seq=2, last_event="f2"), model)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_follower_killed_in_the_middle_of_a_commit_holds_nothing_up(mongodb_uri):
+    """Its successor goes on at once (no transaction left open, whose documents the server would keep locked
+    for 60 s), and the batch it was writing counts once: whole, or not at all."""
+    import signal
+    import subprocess
+    import sys
+
+    from bookshop.services import recommendations as rec
+    from harness import ROOT, spawn
+    db, repo = await fresh_repo(mongodb_uri)
+    try:
+        a, b, c = sorted(fresh_isbn() for _ in range(3))
+        model = rec.CoPurchases(kept=None)
+        model.learn(rec.OrderChange("u1", "000000000000000000000001", True, (a, b)))
+        model.truncate()
+
+        async def keep():
+            return True
+        assert await repo.replace_all("me", model, rec.StreamState(built=True, last_seq=1), keep)
+        child = spawn([sys.executable, "-c", _DIES_MID_COMMIT, mongodb_uri, db.db.name, a, c],
+                      stdout=subprocess.PIPE, cwd=ROOT)
+        try:
+            line = await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline)
+            assert line == b"writing\n", line
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+            child.stdout.close()
+
+        async def successor():
+            state = await repo.state()
+            await commit_batch(repo, state, rec.OrderChange("u3", "000000000000000000000003", True, (a, c)))
+            return state
+        state = await asyncio.wait_for(successor(), 15)  # the server would release the documents after 60 s
+        assert state.last_seq in (1, 2)  # the killed one's batch: not committed at all, or committed whole
+        together = 2 if state.last_seq == 2 else 1  # customers who bought A and C: u3, and u2 if committed
+        assert await repo.partners_of([a, b, c]) == {a: {b: [1, 0], c: [together, 0]}, b: {a: [1, 0]},
+                                                     c: {a: [together, 0]}}
+        assert set(await repo.holdings_of(["u1", "u2", "u3"])) == ({"u1", "u2", "u3"} if state.last_seq == 2
+                                                                   else {"u1", "u3"})
+        assert (await repo.state()).last_seq == state.last_seq + 1
+    finally:
+        db.close()
+
+
+async def commit_batch(repo, state, *changes, seq=None):
+    """Commit the batch of ``changes`` after ``state`` (as a follower does); the state it reaches."""
+    from bookshop.services import recommendations as rec
+    model = rec.CoPurchases(await repo.holdings_of(sorted({c.user_id for c in changes})))
+    deltas = [d for c in changes for d in model.hold(c)]
+    model.partners = await repo.partners_of(sorted({d.book for d in deltas}))
+    model.count(deltas)
+    after = rec.StreamState(built=True, last_seq=seq or state.last_seq + 1, last_event=f"e{seq}")
+    assert await repo.commit(state, after, model)
+    return after, model
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_late_write_of_an_earlier_batch_changes_nothing(mongodb_uri):
+    """A follower that lost its lease without noticing may still be writing a batch it had committed: what
+    later batches wrote stays. And documents written before they carried the seq of their batch are written
+    as any other."""
+    from bookshop.services import recommendations as rec
+    db, repo = await fresh_repo(mongodb_uri)
+    try:
+        a, b, c = sorted(fresh_isbn() for _ in range(3))
+        model = rec.CoPurchases(kept=None)
+        model.learn(rec.OrderChange("u1", "000000000000000000000001", True, (a, b)))
+
+        async def keep():
+            return True
+        assert await repo.replace_all("me", model, rec.StreamState(built=True, last_seq=1), keep)
+        for name in ("holdings", "partners"):  # as the code before stored them
+            await db[name].update_many({}, {"$unset": {"seq": ""}})
+        state, second = await commit_batch(repo, await repo.state(),
+                                           rec.OrderChange("u2", "000000000000000000000002", True, (a, c)))
+        assert await repo.partners_of([a, b, c]) == {a: {b: [1, 0], c: [1, 0]}, b: {a: [1, 0]}, c: {a: [1, 0]}}
+        late = repo._pending(state.last_seq, second)  # what its follower was writing
+        state, _ = await commit_batch(repo, state, rec.OrderChange("u2", "000000000000000000000002", False, None),
+                                      rec.OrderChange("u1", "000000000000000000000001", False, None))
+        assert await repo.partners_of([a, b, c]) == {} and await repo.holdings_of(["u1", "u2"]) == {}
+        await repo._finish(late)
+        assert await repo.partners_of([a, b, c]) == {} and await repo.holdings_of(["u1", "u2"]) == {}
+        assert await repo.state() == state
+    finally:
+        db.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_batch_too_large_for_one_commit_writes_nothing(mongodb_uri, monkeypatch):
+    from bookshop.services import recommendations as rec
+    from bookshop.storage import recommendations as store
+    db, repo = await fresh_repo(mongodb_uri)
+    try:
+        async def keep():
+            return True
+        built = rec.StreamState(built=True, last_seq=1)
+        assert await repo.replace_all("me", rec.CoPurchases(), built, keep)
+        monkeypatch.setattr(store, "PENDING_BYTES", 200)
+        model = rec.CoPurchases()
+        for n in range(5):
+            model.learn(rec.OrderChange(f"u{n}", f"00000000000000000000000{n}", True, (fresh_isbn(), fresh_isbn())))
+        with pytest.raises(rec.BatchTooLarge):
+            await repo.commit(built, rec.StreamState(built=True, last_seq=2), model)
+        assert await repo.state() == built
+        assert await repo.holdings_of([f"u{n}" for n in range(5)]) == {}
+    finally:
+        db.close()
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_one_follower_at_a_time_holds_the_lease(mongodb_uri):
     db, repo = await fresh_repo(mongodb_uri)

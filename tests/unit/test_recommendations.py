@@ -337,6 +337,17 @@ async def test_a_commit_that_fails_is_retried_from_the_store_and_counts_once():
 
 
 @pytest.mark.gen_test
+async def test_a_batch_too_large_for_one_commit_is_committed_in_parts_and_counts_once():
+    store, orders = FakeStore(), FakeOrders()
+    store.stream = StreamState(built=True)
+    shop_history(orders)
+    store.most_customers = 2
+    await settle(learner(store, orders, batch=8), asyncio.Event(), store, len(orders.events))
+    assert store.counts(A) == {B: 5, C: 3}
+    assert store.commits >= 4  # 8 customers, at most 2 a commit
+
+
+@pytest.mark.gen_test
 async def test_events_between_the_rebuild_s_point_and_its_pages_change_nothing_when_applied_again():
     orders = FakeOrders()
     made = shop_history(orders)
