@@ -110,11 +110,11 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def set_default_headers(self) -> None:
         # also runs when an error clears the response: keep the request id on it
+        headers = self._headers
         rid = getattr(self, "_request_id", None)
         if rid is not None:
-            self.set_header("X-Request-ID", rid)
+            headers["X-Request-ID"] = rid  # checked once, in _begin()
         # constants: straight into the headers, without set_header's checks of each value (for every request)
-        headers = self._headers
         headers["Content-Type"] = "application/json; charset=UTF-8"
         headers["Cache-Control"] = "no-store"
         headers["X-Content-Type-Options"] = "nosniff"
@@ -138,7 +138,9 @@ class BaseHandler(tornado.web.RequestHandler):
             ids = tracing.current_ids()
             rid = ids[0] if ids else uuid.uuid4().hex
         self._request_id = rid
-        self.set_header("X-Request-ID", rid)
+        # straight into the headers: the id is the caller's, matched by REQUEST_ID (no character set_header
+        # would refuse), or hex digits
+        self._headers["X-Request-ID"] = rid
         request_id_var.set(rid)
         return rid
 
@@ -146,6 +148,26 @@ class BaseHandler(tornado.web.RequestHandler):
         # every answer is Cache-Control: no-store, so nothing would revalidate with an ETag: not worth a
         # SHA-1 of each body
         return None
+
+    def check_etag_header(self) -> bool:
+        # Tornado's answer without an Etag is False, reached through two header look-ups that raise and catch
+        # KeyError and a regex over If-None-Match: finish() asks it for every 200 GET
+        if "Etag" not in self._headers:
+            return False
+        return super().check_etag_header()
+
+    def finish(self, chunk=None):
+        """Tornado's ``finish()``; a 200 with no Etag finished with its body gets its ``Content-Length`` set
+        here, straight into the headers (Tornado sets it through ``set_header``, whose checks of an int cost
+        as much as the rest of its work): the same header, with the same value, in the same place."""
+        headers = self._headers
+        if chunk is not None and self._status_code == 200 and not self._headers_written and not self._finished \
+                and "Content-Length" not in headers and "Etag" not in headers \
+                and type(self).compute_etag is BaseHandler.compute_etag:
+            self.write(chunk)
+            headers["Content-Length"] = str(sum(map(len, self._write_buffer)))
+            chunk = None
+        return super().finish(chunk)
 
     def prepare(self):
         """Settles the request id and span, then what is decided before the body (``check()``). Tornado
@@ -170,14 +192,16 @@ class BaseHandler(tornado.web.RequestHandler):
         return self._public_and_anonymous()
 
     def _public_and_anonymous(self) -> bool:
-        if type(self).authenticate is not BaseHandler.authenticate:
-            return False  # its own authenticate() (the account routes read the gateway's relay token) must run
         request = self.request
         method = request.method
         if method not in self.public or "Authorization" in request.headers:
             return False
-        name = method.lower()
-        return getattr(type(self), name, None) is not getattr(tornado.web.RequestHandler, name, None)
+        # what the class decides (the same for each of its requests), found out once per class and method
+        key = (type(self), method)
+        ok = _OPEN.get(key)
+        if ok is None:
+            ok = _OPEN[key] = _open(type(self), method)
+        return ok
 
     async def _prepare(self):
         if self._stream_request_body:  # else there is no body (Application)
@@ -315,6 +339,20 @@ class Application(tornado.web.Application):
                     "__qualname__": target_class.__qualname__})
             target_class = twin
         return super().get_handler_delegate(request, target_class, target_kwargs, path_args, path_kwargs)
+
+
+#: (handler class, method) -> whether the class lets a public anonymous request of that method through
+#: without awaiting (see ``_open``)
+_OPEN: dict[tuple[type, str], bool] = {}
+
+
+def _open(cls: type, method: str) -> bool:
+    """The class's part of ``BaseHandler._public_and_anonymous``: it has the method, and no authenticate() of
+    its own (the account routes read the gateway's relay token there: it must run)."""
+    if cls.authenticate is not BaseHandler.authenticate:
+        return False
+    name = method.lower()
+    return getattr(cls, name, None) is not getattr(tornado.web.RequestHandler, name, None)
 
 
 _SERVER = f"TornadoServer/{tornado.version}"

@@ -20,9 +20,20 @@ class EchoHandler(BaseHandler):
         self.write_json({"streamed": self._stream_request_body, "body": len(self.body)})
 
 
+class TaggedHandler(BaseHandler):
+    """A handler that does want ETags: Tornado's finish() then computes and checks them, as before."""
+    public = {"GET"}
+
+    def compute_etag(self):
+        return '"v1"'
+
+    def get(self):
+        self.finish(b'{"tagged":true}')
+
+
 @pytest.fixture
 def app():
-    return make_app(ProbeContext(), [(r"/echo", EchoHandler)])
+    return make_app(ProbeContext(), [(r"/echo", EchoHandler), (r"/tagged", TaggedHandler)])
 
 
 @pytest.mark.gen_test
@@ -58,3 +69,20 @@ async def test_unknown_paths_and_methods_keep_their_json_errors(http_client, bas
     assert r.code == 404 and json.loads(r.body)["error"]["code"] == "not_found"
     r = await fetch(http_client, base_url, "/echo", method="DELETE")
     assert r.code == 405 and json.loads(r.body)["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.gen_test
+async def test_finish_sets_the_length_and_etags_as_tornado_does(http_client, base_url):
+    # BaseHandler.finish() sets a 200's Content-Length itself and check_etag_header() answers False without an
+    # Etag: the same answers as Tornado's (no Etag, so If-None-Match never makes a 304)
+    for headers in ({}, {"If-None-Match": "*"}, {"If-None-Match": '"abc"'}):
+        r = await fetch(http_client, base_url, "/echo", headers=headers)
+        assert r.code == 200 and r.body == b'{"streamed":false,"body":0}' and "Etag" not in r.headers
+        assert r.headers["Content-Length"] == str(len(r.body))
+    r = await fetch(http_client, base_url, "/nowhere")
+    assert r.code == 404 and r.headers["Content-Length"] == str(len(r.body))
+    # a handler with its own compute_etag() keeps Tornado's ETag and 304
+    r = await fetch(http_client, base_url, "/tagged")
+    assert r.code == 200 and r.headers["Etag"] == '"v1"' and r.headers["Content-Length"] == str(len(r.body))
+    r = await fetch(http_client, base_url, "/tagged", headers={"If-None-Match": '"v1"'})
+    assert r.code == 304 and r.body == b""
