@@ -22,21 +22,21 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE = 7.0
 
 
-async def build(name: str, settings: Settings) -> tuple[ServiceContext, tornado.web.Application]:
-    return await wiring.build(name, settings)
+async def build(name: str, settings: Settings, instance: str | None = None
+                ) -> tuple[ServiceContext, tornado.web.Application]:
+    return await wiring.build(name, settings, instance)
 
 
 async def serve(name: str, settings: Settings, port: int, ready: Callable[[], None] | None = None) -> None:
     """Run one service until SIGTERM/SIGINT, then shut down gracefully."""
     started = time.monotonic()
     tracing.setup(name, settings.traces_exporters)
-    ctx, app = await build(name, settings)
+    # one instance is one host:port: a restart of it takes its leases (relay, follower) back without waiting
+    # them out
+    ctx, app = await build(name, settings, f"{socket.gethostname()}:{port}")
     server = tornado.httpserver.HTTPServer(app, xheaders=False, max_body_size=64 * 1024 * 1024,
                                            idle_connection_timeout=60)
     server.listen(port, address=settings.host if settings.host != "*" else "")
-    if ctx.relay is not None:
-        # one instance is one host:port: a restart of it takes the relay lease back without waiting it out
-        ctx.relay.owner = f"{socket.gethostname()}:{port}"
     await ctx.start_background()
     log.info("%s listening on %s:%d (%.0f ms)", name, settings.host, port, (time.monotonic() - started) * 1000)
     if ready:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 from typing import Any, Awaitable, Callable
 
 import tornado.web
@@ -25,9 +28,13 @@ log = logging.getLogger(__name__)
 class ServiceContext:
     """Everything a service's handlers depend on, passed to them through ``initialize()``."""
 
-    def __init__(self, name: str, settings: Settings, *, with_db: bool = True):
+    def __init__(self, name: str, settings: Settings, *, with_db: bool = True, instance: str | None = None):
         self.name = name
         self.settings = settings
+        #: who this process is, as the owner of a lease (the relay's, the recommendations follower's): the
+        #: served ``host:port`` is stable across restarts of one instance, so a restarted process takes its
+        #: leases back at once instead of waiting out its killed predecessor's; unique per process otherwise
+        self.instance = instance or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.metrics = Metrics(name)
         self.http = Http()
         self.metrics.registry.register(UpstreamStates(name, self.http))
@@ -57,6 +64,7 @@ class ServiceContext:
     def use_event_log(self, embedded=None) -> None:
         self.event_log = EventLog(self.db)
         self.relay = Relay(self.event_log, embedded)
+        self.relay.owner = self.instance
 
     async def _close_stream_sockets(self) -> None:
         for sock in list(self.stream_sockets):

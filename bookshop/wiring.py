@@ -191,9 +191,6 @@ async def _payments(ctx: ServiceContext) -> tuple[PaymentsDeps, list]:
 
 
 async def _recommendations(ctx: ServiceContext) -> tuple[RecommendationsDeps, list]:
-    import os
-    import socket
-    import uuid
     from bookshop.clients.stream import EventStreamClient
     from bookshop.handlers import recommendations
     from bookshop.services.recommendations import Learner, Recommend, Recommender
@@ -204,8 +201,7 @@ async def _recommendations(ctx: ServiceContext) -> tuple[RecommendationsDeps, li
     catalog = _client(ctx, clients.CatalogClient, "catalog")
     orders = _client(ctx, clients.OrdersClient, "orders")
     stream = EventStreamClient(ctx.http, ctx.settings.url("orders"), ctx.tokens)
-    learner = Learner(repo, orders.purchases, stream.follow, metrics=ctx.metrics,
-                      owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    learner = Learner(repo, orders.purchases, stream.follow, metrics=ctx.metrics, owner=ctx.instance)
     ctx.spawn(learner.run(ctx.stop), "follow-orders")
     ctx.on_shutdown.append(learner.release)  # the next instance (or this one restarted) takes over at once
     recommend = Recommend(Recommender(catalog, repo), lambda: learner.state.last_seq)
@@ -282,8 +278,8 @@ BUILDERS = {"users": _users, "catalog": _catalog, "inventory": _inventory, "orde
             "payments": _payments, "recommendations": _recommendations, "gateway": _gateway}
 
 
-async def build(name: str, settings: Settings):
-    ctx = ServiceContext(name, settings, with_db=name != "gateway")
+async def build(name: str, settings: Settings, instance: str | None = None):
+    ctx = ServiceContext(name, settings, with_db=name != "gateway", instance=instance)
     deps, routes = await BUILDERS[name](ctx)
     app_settings = {}
     if name == "gateway":
