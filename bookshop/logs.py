@@ -25,6 +25,9 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._second = -1
         self._prefix = ""
+        #: (level, logger, service) -> the line's text from after ``at`` to before ``request_id``: the same for
+        #: every line of a logger at a level (a few hundred at most; cleared if there were ever more)
+        self._heads: dict[tuple, str] = {}
 
     def _at(self, created: float) -> str:
         # the same text as datetime.isoformat(timespec="milliseconds") in UTC, its date part made once a second
@@ -44,25 +47,26 @@ class JsonFormatter(logging.Formatter):
     def line(self, created: float, level: str, logger: str, msg: str, service=None, request_id=None,
              exc: str | None = None) -> str:
         """The line of one record, from its parts (``format`` of a record; ``AccessLog`` without one)."""
-        out = ['{"at": "', self._at(created), '", "level": ', _quote(level.lower()), ', "logger": ', _quote(logger)]
         service = service or service_var.get()
-        if service is not None:
-            out += (', "service": ', _quote(str(service)))
+        key = (level, logger, service)
+        head = self._heads.get(key)
+        if head is None:
+            head = f'", "level": {_quote(level.lower())}, "logger": {_quote(logger)}'
+            if service is not None:
+                head += f', "service": {_quote(str(service))}'
+            if len(self._heads) >= 512:
+                self._heads.clear()
+            self._heads[key] = head
         request_id = request_id or request_id_var.get()
-        if request_id is not None:
-            out += (', "request_id": ', _quote(str(request_id)))
+        rid = "" if request_id is None else f', "request_id": {_quote(str(request_id))}'
         ids = trace_ids_var.get()
         if ids is None:  # not in a request: a span made current some other way, or none
             span = trace.get_current_span().get_span_context()
             if span.is_valid:
                 ids = (format(span.trace_id, "032x"), format(span.span_id, "016x"))
-        if ids is not None:
-            out += (', "trace_id": "', ids[0], '", "span_id": "', ids[1], '"')
-        out += (', "msg": ', _quote(msg))
-        if exc is not None:
-            out += (', "exc": ', _quote(exc))
-        out.append("}")
-        return "".join(out)
+        trace_part = "" if ids is None else f', "trace_id": "{ids[0]}", "span_id": "{ids[1]}"'
+        tail = "}" if exc is None else f', "exc": {_quote(exc)}}}'
+        return f'{{"at": "{self._at(created)}{head}{rid}{trace_part}, "msg": {_quote(msg)}{tail}'
 
 
 class LineHandler(logging.StreamHandler):
