@@ -63,7 +63,7 @@ class JsonFormatter(logging.Formatter):
         if ids is None:  # not in a request: a span made current some other way, or none
             span = trace.get_current_span().get_span_context()
             if span.is_valid:
-                ids = (format(span.trace_id, "032x"), format(span.span_id, "016x"))
+                ids = (span.trace_id.to_bytes(16, "big").hex(), span.span_id.to_bytes(8, "big").hex())
         trace_part = "" if ids is None else f', "trace_id": "{ids[0]}", "span_id": "{ids[1]}"'
         tail = "}" if exc is None else f', "exc": {_quote(exc)}}}'
         return f'{{"at": "{self._at(created)}{head}{rid}{trace_part}, "msg": {_quote(msg)}{tail}'

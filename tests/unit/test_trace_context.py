@@ -266,3 +266,14 @@ def test_baggage_from_outside_is_not_passed_on(recording):
         return headers
     headers = in_context(serve)
     assert set(headers) == {"traceparent"} and TRACE in headers["traceparent"]
+
+
+def test_hex_ids_are_the_w3c_text_of_the_ids():
+    from opentelemetry.trace import SpanContext
+    for trace_id, span_id in ((1, 1), (2**128 - 1, 2**64 - 1), (0x4bf92f3577b34da6a3ce929d0e0e4736, 0xf067aa0ba902b7),
+                              (2**64, 2**32), (0, 0)):
+        expected = (format(trace_id, "032x"), format(span_id, "016x"))
+        assert tracing.hex_ids(SpanContext(trace_id, span_id, False)) == expected
+    header = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
+    ids = in_context(lambda: (tracing.start_request(header, "GET", "/", "/"), tracing.current_ids())[1])
+    assert ids[0] == TRACE and re.fullmatch(r"[0-9a-f]{16}", ids[1]) and ids[1] != PARENT
