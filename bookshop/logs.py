@@ -1,6 +1,7 @@
 """JSON log lines carrying the service, the request id and the trace of the request being served."""
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -71,11 +72,18 @@ class JsonFormatter(logging.Formatter):
 
 class LineHandler(logging.StreamHandler):
     """A ``StreamHandler`` that writes each line in one call, and flushes only a stream that does not write
-    through by itself (stderr does): one line per request."""
+    through by itself (stderr does).
+
+    ``write_soon`` (the access lines: one per request) keeps a line until the event loop's current turn is
+    over, and then writes the lines of that turn in one call: the requests a turn serves cost one write, not
+    one each. Anything else written (``emit``, ``write``), ``flush()`` (``logging.shutdown`` at exit calls it)
+    and ``close()`` write the kept lines first, so lines stay in order and none is left behind."""
 
     def __init__(self, stream):
         super().__init__(stream)
         self._flush = not (getattr(stream, "write_through", False) or getattr(stream, "line_buffering", False))
+        self._kept: list[str] = []  # lines of this turn of the loop, each with its newline
+        self._soon = None  # the loop a write of the kept lines is due on
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -86,11 +94,56 @@ class LineHandler(logging.StreamHandler):
             self.handleError(record)
 
     def write(self, line: str) -> None:
-        """Write one formatted line (under the handler's lock, as ``emit`` is called)."""
+        """Write one formatted line now (under the handler's lock, as ``emit`` is called)."""
         with self.lock:
-            self.stream.write(line + "\n")
-            if self._flush:
+            if self._kept:
+                self._kept.append(line + "\n")
+                self._write_kept()
+            else:
+                self.stream.write(line + "\n")
+                if self._flush:
+                    self.stream.flush()
+
+    def write_soon(self, line: str) -> None:
+        """Write one formatted line when this turn of the running event loop is over (now, outside a loop)."""
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            self.write(line)
+            return
+        with self.lock:
+            self._kept.append(line + "\n")
+            if self._soon is not loop:  # (a loop that closed before its turn was over leaves it to the next)
+                self._soon = loop
+                loop.call_soon(self._write_soon, context=_QUIET)
+
+    def _write_soon(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler: report, never raise into the loop
+            self.handleError(logging.makeLogRecord({"msg": "access lines"}))
+
+    def _write_kept(self) -> None:
+        lines, self._kept, self._soon = self._kept, [], None
+        self.stream.write("".join(lines))
+        if self._flush:
+            self.stream.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            if self._kept:
+                self._write_kept()
+            elif self._flush and self.stream and hasattr(self.stream, "flush"):
                 self.stream.flush()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        except (OSError, ValueError):  # a stream closed already: nothing more can be written
+            pass
+        super().close()
+
+
+_QUIET = contextvars.Context()  # the context the loop runs LineHandler.flush in (none copied for each line)
 
 
 class AccessLog:
@@ -116,7 +169,7 @@ class AccessLog:
         if level < handler.level:
             return
         try:
-            handler.write(handler.formatter.line(time.time(), logging.getLevelName(level), logger.name, msg))
+            handler.write_soon(handler.formatter.line(time.time(), logging.getLevelName(level), logger.name, msg))
         except RecursionError:
             raise
         except Exception:  # noqa: BLE001 - as logging: report, never raise into the caller

@@ -85,6 +85,7 @@ class Child:
             try:
                 code = _serve_forked(self.name, self.port, self.env, watch_parent)
             finally:
+                _flush_logs()  # os._exit runs no atexit hook: the access lines of the last loop turn
                 os._exit(code)
         self.pid = pid
         self.returncode = None
@@ -115,6 +116,14 @@ class Child:
                 raise subprocess.TimeoutExpired(self.name, timeout)
             time.sleep(0.02)
         return self.returncode
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - exiting regardless
+            pass
 
 
 def _serve_forked(name: str, port: int, env: dict, watch_parent) -> int:
