@@ -26,18 +26,25 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._second = -1
         self._prefix = ""
+        self._millis = -1
+        self._text = ""
         #: (level, logger, service) -> the line's text from after ``at`` to before ``request_id``: the same for
         #: every line of a logger at a level (a few hundred at most; cleared if there were ever more)
         self._heads: dict[tuple, str] = {}
 
     def _at(self, created: float) -> str:
         # the same text as datetime.isoformat(timespec="milliseconds") in UTC, its date part made once a second
+        # and the whole of it once a millisecond (the lines of one turn of the loop mostly share it)
         second = int(created)
         if second != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
+            self._millis = -1
         millis = min(999, round((created - second) * 1e6) // 1000)
-        return f"{self._prefix}.{millis:03d}+00:00"
+        if millis != self._millis:
+            self._text = f"{self._prefix}.{millis:03d}+00:00"
+            self._millis = millis
+        return self._text
 
     def format(self, record: logging.LogRecord) -> str:
         # put together by hand: json.dumps would build an encoder for each line (this runs for every request)

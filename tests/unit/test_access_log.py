@@ -140,3 +140,15 @@ def test_a_forked_service_writes_its_kept_lines_before_it_exits(root_saved):
         supervisor._flush_logs()
         return stream.getvalue()
     assert json.loads(asyncio.run(scenario()))["msg"] == "GET /last 200"
+
+
+def test_the_time_of_a_line_is_isoformat_in_milliseconds_however_often_it_is_asked():
+    import datetime
+
+    from bookshop.logs import JsonFormatter
+    formatter = JsonFormatter()
+    base = 1764680000.0
+    for created in (base + 0.0004, base + 0.0004, base + 0.0011, base + 0.0011, base + 0.9994, base + 1.5,
+                    base + 1.5004, base + 0.25, base + 86400.123456):
+        expected = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat(timespec="milliseconds")
+        assert formatter._at(created) == expected, created
