@@ -212,8 +212,8 @@ def free_base() -> int:
             socks = []
             for offset in SERVICES.values():
                 sock = socket.socket()
+                socks.append(sock)  # closed below, also when its bind fails
                 sock.bind(("127.0.0.1", base + offset))
-                socks.append(sock)
             return base
         except OSError:
             continue

@@ -353,6 +353,15 @@ class RawSocket:
                           + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
         await self.writer.drain()
 
+    async def heartbeat(self, every: float = 5.0) -> None:
+        """Send an unsolicited pong every ``every`` seconds (RFC 6455 allows it as a heartbeat), until cancelled:
+        a client that reads slowly is still there, and the gateway's ping timeout (a pong within 20 s of its
+        ping, which sits unread behind the stream) must not close it first."""
+        while True:
+            self.writer.write(bytes([0x8A, 0x80]) + os.urandom(4))  # FIN + pong, masked, empty
+            await self.writer.drain()
+            await asyncio.sleep(every)
+
     async def frame(self) -> tuple[int, bytes]:
         first, second = await self.reader.readexactly(2)
         length = second & 0x7F
@@ -378,6 +387,7 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_resumes_with_
         isbns = [await api.new_book(staff) for _ in range(10)]
         slow = await RawSocket.open(shop)
         await slow.send({"op": "subscribe", "channel": "inventory"})
+        beating = asyncio.ensure_future(slow.heartbeat())
         healthy = await connect(session, shop)
         await subscribe(healthy, "inventory")
         slow_before = await metric(session, shop, "websocket_slow_clients")
@@ -419,6 +429,8 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_resumes_with_
                 assert struct.unpack("!H", payload[:2])[0] == 4008
             finally:
                 stop.set()
+                beating.cancel()
+                await asyncio.gather(beating, return_exceptions=True)
                 await slow.close()
                 await asyncio.gather(restocking, return_exceptions=True)
             await restocking
