@@ -189,7 +189,7 @@ class FakeCoPurchases:
         if self.lease and self.lease[0] == owner:
             self.lease = None
 
-    async def state(self):
+    async def state(self, finish=True):
         return dataclasses.replace(self.stream)
 
     async def holdings_of(self, user_ids):

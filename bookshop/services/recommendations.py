@@ -378,7 +378,7 @@ class BatchTooLarge(Exception):
 class Store(ReadStore, Protocol):
     async def take_lease(self, owner: str, seconds: float) -> bool: ...
     async def release_lease(self, owner: str) -> None: ...
-    async def state(self) -> StreamState: ...
+    async def state(self, finish: bool = True) -> StreamState: ...
     async def holdings_of(self, user_ids: list[str]) -> dict[str, dict[str, list[str]]]: ...
     async def commit(self, before: StreamState, after: StreamState, model: CoPurchases) -> bool: ...
     async def replace_all(self, owner: str, model: CoPurchases, state: StreamState,
@@ -450,9 +450,9 @@ class Learner:
         async def one_pass() -> float:
             try:
                 if not await self.store.take_lease(self.owner, self.lease_seconds):
-                    # another instance follows: keep up with where it got, for the answers' X-Orders-Seq; look
-                    # again in a while
-                    self.state = await self.store.state()
+                    # another instance follows: keep up with where it got, for the answers' X-Orders-Seq (only
+                    # reading it: what the follower writes is the follower's to finish); look again in a while
+                    self.state = await self.store.state(finish=False)
                     return self.lease_seconds / 3
                 outcome = await self.follow_once(stop)
                 if outcome == "rebuilt":

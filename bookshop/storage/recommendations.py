@@ -1,26 +1,29 @@
 """The recommendations service's collections: what each customer holds, the partner lists, and where the
 counts stand in the orders stream.
 
-* ``holdings``: one document per customer, ``{_id: user_id, orders: {order_id: [isbn, ...]}}`` for their
+* ``holdings``: one document per customer, ``{_id: user_id, orders: {order_id: [isbn, ...]}, v}`` for their
   confirmed and shipped orders (bounded, see ``services.recommendations``).
-* ``partners``: one document per book, ``{_id: isbn, partners: {isbn: [count, error]}}``, at most
+* ``partners``: one document per book, ``{_id: isbn, partners: {isbn: [count, error]}, v}``, at most
   ``PARTNERS_KEPT`` entries.
-* ``meta``: ``orders_stream`` (``built``, ``epoch``, ``last_seq``, ``last_event``) and the ``follower``
-  lease (``owner``, ``until``).
+* ``meta``: ``orders_stream`` (``built``, ``epoch``, ``last_seq``, ``last_event``, ``version``, ``pending``)
+  and the ``follower`` lease (``owner``, ``until``).
 
 A batch is committed without a multi-document transaction (one left open by a follower killed in its middle
 would keep the state document locked for the embedded server's 60 s, and the restarted follower waiting):
 
 1. one conditional update of ``meta.orders_stream`` moves ``last_seq`` on, on the condition that it is still
-   the one the batch continues and no other batch is half applied, and stores in the same document what the
-   batch writes (``pending``: the new holdings and partner documents, whole);
-2. those documents are written, each on the condition that no later batch wrote it (every document carries
-   the ``seq`` of the batch that last wrote it), so writing them twice, or late, changes nothing;
+   the one the batch continues and no other batch is half written, raises ``version`` by one and stores in
+   the same document what the batch writes (``pending``: the new holdings and partner documents, whole);
+2. those documents are written, each on the condition that no later version wrote it (every document
+   carries in ``v`` the version that last wrote it), so writing them twice, or late, changes nothing;
 3. ``pending`` is cleared.
 
-A follower killed between 1 and 3 leaves ``pending`` behind; whoever next reads the state finishes it before
-anything else is read (``state``). So a batch is applied entirely or not at all, and never twice. Only
-``_id`` lookups: no index beyond the default one.
+A follower killed between 1 and 3 leaves ``pending`` behind; the next follower finishes it before it reads
+anything else (``state``). So a batch is counted entirely or not at all, and never twice; a reader may see
+one half written for the moment it takes. A customer left with no orders, or a book with no partners, stays
+as an empty document: it still carries the version that emptied it, which keeps a late write of an earlier
+batch out. A rebuild raises the version too and empties every document before it writes its own, so nothing
+an earlier follower still writes late lands on top of it. Only ``_id`` lookups: no index beyond the default.
 """
 from __future__ import annotations
 
@@ -57,11 +60,12 @@ class CoPurchaseRepo:
         """Nothing beyond ``_id``: every read is by customer or by book."""
 
     # -- reads -----------------------------------------------------------------------------------------------
-    async def state(self) -> StreamState:
-        """Where the counts stand; a batch a killed follower left half written is finished first."""
+    async def state(self, finish: bool = True) -> StreamState:
+        """Where the counts stand; with ``finish``, a batch a killed follower left half written is written
+        first (the follower does this; an instance that only reads the position need not)."""
         doc = await self.meta.find_one({"_id": STATE}) or {}
-        if doc.get("pending"):
-            await self._finish(doc["pending"])
+        if finish and doc.get("pending"):
+            await self._finish(doc["pending"], int(doc.get("version", 0)))
         return StreamState(built=bool(doc.get("built")), epoch=doc.get("epoch"), last_seq=int(doc.get("last_seq", 0)),
                            last_event=doc.get("last_event"))
 
@@ -103,70 +107,78 @@ class CoPurchaseRepo:
 
     # -- writes ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _pending(seq: int, model: CoPurchases) -> dict:
-        """What a batch writes, whole: ``{seq, holdings: [[user_id, orders]], partners: [[isbn, partners]]}``
-        (an empty value for a customer or book left with nothing)."""
-        pending = {"seq": seq,
-                   "holdings": [[c, model.holdings.get(c) or {}] for c in sorted(model.dirty_customers)],
+    def _pending(model: CoPurchases) -> dict:
+        """What a batch writes, whole: ``{holdings: [[user_id, orders]], partners: [[isbn, partners]]}`` (an
+        empty value for a customer or book left with nothing)."""
+        pending = {"holdings": [[c, model.holdings.get(c) or {}] for c in sorted(model.dirty_customers)],
                    "partners": [[b, partners_doc(model.partners.get(b) or {})] for b in sorted(model.dirty_books)]}
         if len(bson.encode(pending)) > PENDING_BYTES:
             raise BatchTooLarge(f"a batch of {len(pending['holdings'])} customers and {len(pending['partners'])} "
                                 "lists")
         return pending
 
-    async def _finish(self, pending: dict) -> None:
-        """Write a committed batch's documents, each unless a later batch wrote it already; then clear it."""
-        seq = pending["seq"]
-        not_later = {"$not": {"$gte": seq}}
-        for name, field in (("holdings", "orders"), ("partners", "partners")):
-            writes = [ReplaceOne({"_id": key, "seq": not_later}, {field: value, "seq": seq}, upsert=True)
-                      for key, value in pending[name]]
-            for start in range(0, len(writes), CHUNK):
-                try:
-                    await self.database[name].bulk_write(writes[start:start + CHUNK], ordered=False)
-                except BulkWriteError as exc:
-                    # a duplicate key: a later batch wrote that document (the condition did not match, and
-                    # the upsert met it); anything else is a real failure
-                    if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])) or \
-                            exc.details.get("writeConcernErrors"):
-                        raise
-        await self.meta.update_one({"_id": STATE, "pending.seq": seq}, {"$unset": {"pending": ""}})
+    async def _write(self, name: str, docs: list[tuple[str, dict]], version: int) -> None:
+        """Replace these documents of ``name``, each unless a later version wrote it."""
+        writes = [ReplaceOne({"_id": key, "v": {"$not": {"$gte": version}}}, {**doc, "v": version}, upsert=True)
+                  for key, doc in docs]
+        for start in range(0, len(writes), CHUNK):
+            try:
+                await self.database[name].bulk_write(writes[start:start + CHUNK], ordered=False)
+            except BulkWriteError as exc:
+                # a duplicate key: a later version wrote that document (the condition did not match, and the
+                # upsert met it); anything else is a real failure
+                if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])) or \
+                        exc.details.get("writeConcernErrors"):
+                    raise
+
+    async def _finish(self, pending: dict, version: int) -> None:
+        """Write the documents of the batch committed as ``version``; then clear it."""
+        await self._write("holdings", [(c, {"orders": o}) for c, o in pending["holdings"]], version)
+        await self._write("partners", [(b, {"partners": p}) for b, p in pending["partners"]], version)
+        await self.meta.update_one({"_id": STATE, "version": version, "pending": {"$ne": None}},
+                                   {"$unset": {"pending": ""}})
 
     async def commit(self, before: StreamState, after: StreamState, model: CoPurchases) -> bool:
         """Write what a batch changed and the stream position it reached, if the position is still
         ``before``'s and no other batch is half written. False (nothing written) otherwise. Raises
         ``BatchTooLarge`` for a batch to be committed in parts."""
-        pending = self._pending(after.last_seq, model)
-        moved = await self.meta.update_one(
-            {"_id": STATE, "built": True, "last_seq": before.last_seq, "pending": None},
-            {"$set": {"last_seq": after.last_seq, "last_event": after.last_event, "pending": pending}})
-        if moved.matched_count != 1:
+        pending = self._pending(model)
+        doc = await self.meta.find_one_and_update(
+            {"_id": STATE, "built": True, "epoch": before.epoch, "last_seq": before.last_seq, "pending": None},
+            {"$set": {"last_seq": after.last_seq, "last_event": after.last_event, "pending": pending},
+             "$inc": {"version": 1}},
+            projection={"version": 1}, return_document=pymongo.ReturnDocument.AFTER)
+        if doc is None:
             return False
-        await self._finish(pending)
+        await self._finish(pending, doc["version"])
         return True
 
     async def replace_all(self, owner: str, model: CoPurchases, state: StreamState, keep_lease) -> bool:
         """Replace every count with a rebuild's. Marked unbuilt first, so a rebuild cut short (crash, lost
-        lease) is done again; readers meanwhile see part of the counts, for the seconds it takes. A batch left
-        half written is dropped (the rebuild counts it), and the new documents carry the rebuild's ``seq``, so
-        a late write of an earlier batch leaves them alone."""
-        await self.meta.update_one({"_id": STATE}, {"$set": {"built": False}, "$unset": {"pending": ""}},
-                                   upsert=True)
-        await self.holdings.delete_many({})
-        await self.partners.delete_many({})
-        seq = state.last_seq
-        docs = [("holdings", {"_id": c, "orders": o, "seq": seq}) for c, o in model.holdings.items() if o]
-        docs += [("partners", {"_id": b, "partners": partners_doc(p), "seq": seq})
-                 for b, p in model.partners.items() if p]
+        lease) is done again; readers meanwhile see part of the counts, for the seconds it takes. It takes a
+        version of its own: every document, and those of a batch left half written (which it drops: the
+        rebuild counts it), is emptied at that version first, so an earlier follower's late writes leave the
+        rebuild's documents alone."""
+        old = await self.meta.find_one_and_update(
+            {"_id": STATE}, {"$set": {"built": False}, "$unset": {"pending": ""}, "$inc": {"version": 1}},
+            upsert=True, return_document=pymongo.ReturnDocument.BEFORE) or {}
+        version = int(old.get("version", 0)) + 1
+        dropped = old.get("pending") or {"holdings": [], "partners": []}
+        for name, field in (("holdings", "orders"), ("partners", "partners")):
+            await self.database[name].update_many({}, {"$set": {field: {}, "v": version}})
+            await self._write(name, [(key, {field: {}}) for key, _ in dropped[name]], version)
+        docs = [("holdings", c, {"orders": o}) for c, o in model.holdings.items() if o]
+        docs += [("partners", b, {"partners": partners_doc(p)}) for b, p in model.partners.items() if p]
         for start in range(0, len(docs), CHUNK):
             chunk = docs[start:start + CHUNK]
             for name in ("holdings", "partners"):
-                part = [d for n, d in chunk if n == name]
+                part = [ReplaceOne({"_id": key}, {**doc, "v": version}, upsert=True) for n, key, doc in chunk
+                        if n == name]
                 if part:
-                    await self.database[name].insert_many(part, ordered=False)
+                    await self.database[name].bulk_write(part, ordered=False)
             if not await keep_lease():
                 return False
         done = await self.meta.update_one(
-            {"_id": STATE, "built": False},
+            {"_id": STATE, "built": False, "version": version},
             {"$set": {"built": True, "epoch": state.epoch, "last_seq": state.last_seq, "last_event": None}})
         return done.matched_count == 1

@@ -332,11 +332,16 @@ async def commit_batch(repo, state, *changes, seq=None):
     return after, model
 
 
+async def version(db) -> int:
+    """The store's version: raised by every commit and every rebuild."""
+    return (await db["meta"].find_one({"_id": "orders_stream"}))["version"]
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_a_late_write_of_an_earlier_batch_changes_nothing(mongodb_uri):
     """A follower that lost its lease without noticing may still be writing a batch it had committed: what
-    later batches wrote stays. And documents written before they carried the seq of their batch are written
-    as any other."""
+    later batches, or a rebuild, wrote stays. And documents written before they carried the version of their
+    batch are written as any other."""
     from bookshop.services import recommendations as rec
     db, repo = await fresh_repo(mongodb_uri)
     try:
@@ -348,17 +353,29 @@ async def test_a_late_write_of_an_earlier_batch_changes_nothing(mongodb_uri):
             return True
         assert await repo.replace_all("me", model, rec.StreamState(built=True, last_seq=1), keep)
         for name in ("holdings", "partners"):  # as the code before stored them
-            await db[name].update_many({}, {"$unset": {"seq": ""}})
+            await db[name].update_many({}, {"$unset": {"v": ""}})
         state, second = await commit_batch(repo, await repo.state(),
                                            rec.OrderChange("u2", "000000000000000000000002", True, (a, c)))
         assert await repo.partners_of([a, b, c]) == {a: {b: [1, 0], c: [1, 0]}, b: {a: [1, 0]}, c: {a: [1, 0]}}
-        late = repo._pending(state.last_seq, second)  # what its follower was writing
+        late, late_version = repo._pending(second), await version(db)  # what its follower was writing
         state, _ = await commit_batch(repo, state, rec.OrderChange("u2", "000000000000000000000002", False, None),
                                       rec.OrderChange("u1", "000000000000000000000001", False, None))
         assert await repo.partners_of([a, b, c]) == {} and await repo.holdings_of(["u1", "u2"]) == {}
-        await repo._finish(late)
+        await repo._finish(late, late_version)
         assert await repo.partners_of([a, b, c]) == {} and await repo.holdings_of(["u1", "u2"]) == {}
         assert await repo.state() == state
+
+        # a rebuild (here: of a new history, whose seqs start again below the late batch's) and then the late
+        # write: the rebuild's counts stay, and the next batch is written
+        rebuilt = rec.CoPurchases(kept=None)
+        rebuilt.learn(rec.OrderChange("u3", "000000000000000000000003", True, (b, c)))
+        new_history = rec.StreamState(built=True, epoch="e2", last_seq=1)
+        assert await repo.replace_all("me", rebuilt, new_history, keep)
+        await repo._finish(late, late_version)
+        assert await repo.partners_of([a, b, c]) == {b: {c: [1, 0]}, c: {b: [1, 0]}}
+        assert await repo.holdings_of(["u1", "u2", "u3"]) == {"u3": {"000000000000000000000003": [b, c]}}
+        await commit_batch(repo, await repo.state(), rec.OrderChange("u4", "000000000000000000000004", True, (a, b)))
+        assert await repo.partners_of([a]) == {a: {b: [1, 0]}}
     finally:
         db.close()
 
