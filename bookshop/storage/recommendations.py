@@ -18,9 +18,10 @@ would keep the state document locked for the embedded server's 60 s, and the res
    carries in ``v`` the version that last wrote it), so writing them twice, or late, changes nothing;
 3. ``pending`` is cleared.
 
-A follower killed between 1 and 3 leaves ``pending`` behind; the next follower finishes it before it reads
-anything else (``state``). So a batch is counted entirely or not at all, and never twice; a reader may see
-one half written for the moment it takes. A customer left with no orders, or a book with no partners, stays
+A batch that changes no count (pending orders, repeats) only moves ``last_seq``, in one write. A follower
+killed between 1 and 3 leaves ``pending`` behind; the next follower finishes it before it reads anything
+else (``state``). So a batch is counted entirely or not at all, and never twice; a reader may see one half
+written for the moment it takes. A customer left with no orders, or a book with no partners, stays
 as an empty document: it still carries the version that emptied it, which keeps a late write of an earlier
 batch out. A rebuild raises the version too and empties every document before it writes its own, so nothing
 an earlier follower still writes late lands on top of it. Only ``_id`` lookups: no index beyond the default.
@@ -143,10 +144,13 @@ class CoPurchaseRepo:
         ``before``'s and no other batch is half written. False (nothing written) otherwise. Raises
         ``BatchTooLarge`` for a batch to be committed in parts."""
         pending = self._pending(model)
+        moved = {"last_seq": after.last_seq, "last_event": after.last_event}
+        condition = {"_id": STATE, "built": True, "epoch": before.epoch, "last_seq": before.last_seq, "pending": None}
+        if not pending["holdings"] and not pending["partners"]:
+            # events that change no count (pending orders, repeats): only the position moves, in one write
+            return (await self.meta.update_one(condition, {"$set": moved})).matched_count == 1
         doc = await self.meta.find_one_and_update(
-            {"_id": STATE, "built": True, "epoch": before.epoch, "last_seq": before.last_seq, "pending": None},
-            {"$set": {"last_seq": after.last_seq, "last_event": after.last_event, "pending": pending},
-             "$inc": {"version": 1}},
+            condition, {"$set": {**moved, "pending": pending}, "$inc": {"version": 1}},
             projection={"version": 1}, return_document=pymongo.ReturnDocument.AFTER)
         if doc is None:
             return False

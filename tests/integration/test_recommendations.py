@@ -381,6 +381,25 @@ async def test_a_late_write_of_an_earlier_batch_changes_nothing(mongodb_uri):
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_a_batch_that_changes_no_count_only_moves_the_position(mongodb_uri):
+    from bookshop.services import recommendations as rec
+    db, repo = await fresh_repo(mongodb_uri)
+    try:
+        async def keep():
+            return True
+        built = rec.StreamState(built=True, last_seq=4)
+        assert await repo.replace_all("me", rec.CoPurchases(), built, keep)
+        at = await version(db)
+        after = rec.StreamState(built=True, last_seq=6, last_event="e6")
+        assert await repo.commit(built, after, rec.CoPurchases())  # e.g. two orders placed, not yet confirmed
+        assert await repo.state() == after and await version(db) == at
+        assert not await repo.commit(built, after, rec.CoPurchases())  # a stale follower: nothing moves
+        assert await repo.state() == after
+    finally:
+        db.close()
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_a_batch_too_large_for_one_commit_writes_nothing(mongodb_uri, monkeypatch):
     from bookshop.services import recommendations as rec
     from bookshop.storage import recommendations as store
