@@ -148,7 +148,7 @@ class CoPurchases:
 
     ``hold`` updates a customer's holdings and returns the list changes it implies; ``count`` applies them
     (separate, so a store can load exactly the lists the changes name); ``learn`` does both. What changed is
-    in ``dirty_customers`` and ``dirty_books``.
+    in ``dirty_customers`` and ``dirty_books``, and the list changes in ``counted``.
     """
 
     def __init__(self, holdings: dict[str, dict[str, list[str]]] | None = None,
@@ -158,6 +158,7 @@ class CoPurchases:
         self.kept = kept
         self.dirty_customers: set[str] = set()
         self.dirty_books: set[str] = set()
+        self.counted: list[Delta] = []  # the list changes applied, in order: what a store can apply again
 
     @staticmethod
     def books_of(orders: dict[str, list[str]]) -> set[str]:
@@ -187,6 +188,7 @@ class CoPurchases:
 
     def count(self, deltas: Iterable[Delta]) -> None:
         for d in deltas:
+            self.counted.append(d)
             partners = self.partners.setdefault(d.book, {})
             if d.step > 0:
                 bump(partners, d.partner, self.kept)

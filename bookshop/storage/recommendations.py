@@ -13,18 +13,21 @@ would keep the state document locked for the embedded server's 60 s, and the res
 
 1. one conditional update of ``meta.orders_stream`` moves ``last_seq`` on, on the condition that it is still
    the one the batch continues and no other batch is half written, raises ``version`` by one and stores in
-   the same document what the batch writes (``pending``: the new holdings and partner documents, whole);
+   the same document what redoes the batch (``pending``: the customers' new holdings, whole, and the list
+   changes in order, a few bytes each where a list document is up to 2 KB);
 2. those documents are written, each on the condition that no later version wrote it (every document
    carries in ``v`` the version that last wrote it), so writing them twice, or late, changes nothing;
 3. ``pending`` is cleared.
 
 A batch that changes no count (pending orders, repeats) only moves ``last_seq``, in one write. A follower
 killed between 1 and 3 leaves ``pending`` behind; the next follower finishes it before it reads anything
-else (``state``). So a batch is counted entirely or not at all, and never twice; a reader may see one half
-written for the moment it takes. A customer left with no orders, or a book with no partners, stays
-as an empty document: it still carries the version that emptied it, which keeps a late write of an earlier
-batch out. A rebuild raises the version too and empties every document before it writes its own, so nothing
-an earlier follower still writes late lands on top of it. Only ``_id`` lookups: no index beyond the default.
+else (``state``): a list the batch has not written yet is still as the batch found it (no later batch can be
+committed meanwhile), and its changes are applied to it again. So a batch is counted entirely or not at
+all, and never twice; a reader may see one half written for the moment it takes. A customer left with no
+orders, or a book with no partners, stays as an empty document: it still carries the version that emptied
+it, which keeps a late write of an earlier batch out. A rebuild raises the version too and empties every
+document before it writes its own, so nothing an earlier follower still writes late lands on top of it.
+Only ``_id`` lookups: no index beyond the default one.
 """
 from __future__ import annotations
 
@@ -36,8 +39,8 @@ import pymongo
 from pymongo import ReplaceOne
 from pymongo.errors import BulkWriteError
 
-from bookshop.services.recommendations import (BatchTooLarge, CoPurchases, Partners, StreamState, held_books,
-                                               partners_doc)
+from bookshop.services.recommendations import (PARTNERS_KEPT, BatchTooLarge, CoPurchases, Partners, StreamState,
+                                               bump, held_books, partners_doc, unbump)
 from bookshop.storage.mongo import DuplicateKeyError
 from bookshop.storage.outbox import utcnow
 
@@ -109,14 +112,32 @@ class CoPurchaseRepo:
     # -- writes ----------------------------------------------------------------------------------------------
     @staticmethod
     def _pending(model: CoPurchases) -> dict:
-        """What a batch writes, whole: ``{holdings: [[user_id, orders]], partners: [[isbn, partners]]}`` (an
-        empty value for a customer or book left with nothing)."""
+        """What redoes a batch: ``{holdings: [[user_id, orders]], deltas: [[book, partner, step]]}`` (empty
+        ``orders`` for a customer left with nothing)."""
         pending = {"holdings": [[c, model.holdings.get(c) or {}] for c in sorted(model.dirty_customers)],
-                   "partners": [[b, partners_doc(model.partners.get(b) or {})] for b in sorted(model.dirty_books)]}
+                   "deltas": [[d.book, d.partner, d.step] for d in model.counted]}
         if len(bson.encode(pending)) > PENDING_BYTES:
-            raise BatchTooLarge(f"a batch of {len(pending['holdings'])} customers and {len(pending['partners'])} "
-                                "lists")
+            raise BatchTooLarge(f"a batch of {len(pending['holdings'])} customers and {len(pending['deltas'])} "
+                                "list changes")
         return pending
+
+    @staticmethod
+    def _books(pending: dict) -> list[str]:
+        return sorted({book for book, _, _ in pending["deltas"]})
+
+    async def _redo(self, pending: dict, version: int) -> dict[str, Partners]:
+        """The lists a batch leaves, for those it has not written yet: they are as it found them, and its
+        changes are applied to them again."""
+        docs = {d["_id"]: d for d in await self._by_ids(self.partners, self._books(pending))}
+        lists = {book: (docs[book]["partners"] if book in docs else {}) for book in self._books(pending)
+                 if docs.get(book, {}).get("v", -1) < version}
+        for book, partner, step in pending["deltas"]:
+            if book in lists:
+                if step > 0:
+                    bump(lists[book], partner, PARTNERS_KEPT)
+                else:
+                    unbump(lists[book], partner)
+        return lists
 
     async def _write(self, name: str, docs: list[tuple[str, dict]], version: int) -> None:
         """Replace these documents of ``name``, each unless a later version wrote it."""
@@ -132,10 +153,14 @@ class CoPurchaseRepo:
                         exc.details.get("writeConcernErrors"):
                     raise
 
-    async def _finish(self, pending: dict, version: int) -> None:
-        """Write the documents of the batch committed as ``version``; then clear it."""
+    async def _finish(self, pending: dict, version: int, lists: dict[str, Partners] | None = None) -> None:
+        """Write the documents of the batch committed as ``version`` (``lists``: the lists it leaves, when the
+        caller has them); then clear it."""
+        if lists is None:
+            lists = await self._redo(pending, version)
         await self._write("holdings", [(c, {"orders": o}) for c, o in pending["holdings"]], version)
-        await self._write("partners", [(b, {"partners": p}) for b, p in pending["partners"]], version)
+        await self._write("partners", [(b, {"partners": partners_doc(p)}) for b, p in sorted(lists.items())],
+                          version)
         await self.meta.update_one({"_id": STATE, "version": version, "pending": {"$ne": None}},
                                    {"$unset": {"pending": ""}})
 
@@ -146,7 +171,7 @@ class CoPurchaseRepo:
         pending = self._pending(model)
         moved = {"last_seq": after.last_seq, "last_event": after.last_event}
         condition = {"_id": STATE, "built": True, "epoch": before.epoch, "last_seq": before.last_seq, "pending": None}
-        if not pending["holdings"] and not pending["partners"]:
+        if not pending["holdings"] and not pending["deltas"]:
             # events that change no count (pending orders, repeats): only the position moves, in one write
             return (await self.meta.update_one(condition, {"$set": moved})).matched_count == 1
         doc = await self.meta.find_one_and_update(
@@ -154,7 +179,7 @@ class CoPurchaseRepo:
             projection={"version": 1}, return_document=pymongo.ReturnDocument.AFTER)
         if doc is None:
             return False
-        await self._finish(pending, doc["version"])
+        await self._finish(pending, doc["version"], {b: model.partners.get(b) or {} for b in model.dirty_books})
         return True
 
     async def replace_all(self, owner: str, model: CoPurchases, state: StreamState, keep_lease) -> bool:
@@ -167,10 +192,11 @@ class CoPurchaseRepo:
             {"_id": STATE}, {"$set": {"built": False}, "$unset": {"pending": ""}, "$inc": {"version": 1}},
             upsert=True, return_document=pymongo.ReturnDocument.BEFORE) or {}
         version = int(old.get("version", 0)) + 1
-        dropped = old.get("pending") or {"holdings": [], "partners": []}
-        for name, field in (("holdings", "orders"), ("partners", "partners")):
+        dropped = old.get("pending") or {"holdings": [], "deltas": []}
+        for name, field, keys in (("holdings", "orders", [c for c, _ in dropped["holdings"]]),
+                                  ("partners", "partners", self._books(dropped))):
             await self.database[name].update_many({}, {"$set": {field: {}, "v": version}})
-            await self._write(name, [(key, {field: {}}) for key, _ in dropped[name]], version)
+            await self._write(name, [(key, {field: {}}) for key in keys], version)
         docs = [("holdings", c, {"orders": o}) for c, o in model.holdings.items() if o]
         docs += [("partners", b, {"partners": partners_doc(p)}) for b, p in model.partners.items() if p]
         for start in range(0, len(docs), CHUNK):
