@@ -9,6 +9,7 @@ import json
 import logging
 
 import pytest
+from harness import run
 
 from bookshop import tracing
 from bookshop.logs import AccessLog, service_var, setup_logging
@@ -87,7 +88,7 @@ def test_in_a_loop_the_access_lines_of_a_turn_are_one_write_at_its_end(root_save
         kept = stream.getvalue()
         await asyncio.sleep(0)  # the turn is over
         return kept
-    kept = asyncio.run(scenario())
+    kept = run(scenario())
     assert kept == "" and stream.writes == 1
     assert [json.loads(line)["msg"] for line in stream.getvalue().splitlines()] == [
         "GET /x 200 0ms", "GET /x 200 1ms", "GET /x 200 2ms"]
@@ -105,7 +106,7 @@ def test_any_other_line_and_flush_write_the_kept_lines_first(root_saved):
         access.log(logging.INFO, "GET /b 200")
         logging.getLogger().handlers[0].flush()  # as logging.shutdown() at exit
         return [json.loads(line)["msg"] for line in stream.getvalue().splitlines()]
-    assert asyncio.run(scenario()) == ["GET /a 200", "between", "GET /b 200"]
+    assert run(scenario()) == ["GET /a 200", "between", "GET /b 200"]
 
 
 def test_a_line_kept_by_a_loop_that_closed_is_written_with_the_next_loops_lines(root_saved):
@@ -125,7 +126,7 @@ def test_a_line_kept_by_a_loop_that_closed_is_written_with_the_next_loops_lines(
     async def second():
         access.log(logging.INFO, "GET /second 200")
         await asyncio.sleep(0)
-    asyncio.run(second())
+    run(second())
     assert [json.loads(line)["msg"] for line in stream.getvalue().splitlines()] == ["GET /first 200", "GET /second 200"]
 
 
@@ -139,7 +140,7 @@ def test_a_forked_service_writes_its_kept_lines_before_it_exits(root_saved):
         AccessLog(logging.getLogger("bookshop.access.probe")).log(logging.INFO, "GET /last 200")
         supervisor._flush_logs()
         return stream.getvalue()
-    assert json.loads(asyncio.run(scenario()))["msg"] == "GET /last 200"
+    assert json.loads(run(scenario()))["msg"] == "GET /last 200"
 
 
 def test_the_time_of_a_line_is_isoformat_in_milliseconds_however_often_it_is_asked():

@@ -25,3 +25,18 @@ def test_a_port_range_that_is_taken_is_skipped_and_every_socket_tried_is_closed(
         assert not [w for w in seen if issubclass(w.category, ResourceWarning)], [str(w.message) for w in seen]
     finally:
         taken.close()
+
+
+def test_no_test_runs_a_coroutine_with_asyncio_run():
+    """``asyncio.run`` sets the global loop to None when it ends, dropping the one another test had set; that
+    loop's unclosed sockets then fail whichever test is running when it is collected (seen in CI). Tests use
+    ``harness.run``, a private loop that leaves the global one alone."""
+    import ast
+    import pathlib
+    found = []
+    for path in sorted(pathlib.Path(harness.ROOT, "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "run" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "asyncio":
+                found.append(f"{path.relative_to(harness.ROOT)}:{node.lineno}")
+    assert found == []
