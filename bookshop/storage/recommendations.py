@@ -128,8 +128,9 @@ class CoPurchaseRepo:
     async def _redo(self, pending: dict, version: int) -> dict[str, Partners]:
         """The lists a batch leaves, for those it has not written yet: they are as it found them, and its
         changes are applied to them again."""
-        docs = {d["_id"]: d for d in await self._by_ids(self.partners, self._books(pending))}
-        lists = {book: (docs[book]["partners"] if book in docs else {}) for book in self._books(pending)
+        books = self._books(pending)
+        docs = {d["_id"]: d for d in await self._by_ids(self.partners, books)}
+        lists = {book: (docs[book]["partners"] if book in docs else {}) for book in books
                  if docs.get(book, {}).get("v", -1) < version}
         for book, partner, step in pending["deltas"]:
             if book in lists:
