@@ -210,6 +210,15 @@ async def fresh_repo(mongodb_uri):
     return db, repo
 
 
+async def rebuild_to(repo, state, model=None) -> None:
+    """The store as a rebuild leaves it: ``model``'s counts (none by default) at ``state``."""
+    from bookshop.services import recommendations as rec
+
+    async def keep():
+        return True
+    assert await repo.replace_all("me", model if model is not None else rec.CoPurchases(), state, keep)
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_the_store_commits_a_batch_whole_and_once(mongodb_uri):
     from bookshop.services import recommendations as rec
@@ -221,10 +230,7 @@ async def test_the_store_commits_a_batch_whole_and_once(mongodb_uri):
         model.learn(rec.OrderChange("u1", "000000000000000000000001", True, (a, b)))
         model.truncate()
         built = rec.StreamState(built=True, epoch=None, last_seq=7)
-
-        async def keep():
-            return True
-        assert await repo.replace_all("me", model, built, keep)
+        await rebuild_to(repo, built, model)
         assert await repo.state() == built
         assert await repo.partners_of([a, b, c]) == {a: {b: [1, 0]}, b: {a: [1, 0]}}
 
@@ -291,9 +297,7 @@ async def test_a_follower_killed_in_the_middle_of_a_commit_holds_nothing_up(mong
         model.learn(rec.OrderChange("u1", "000000000000000000000001", True, (a, b)))
         model.truncate()
 
-        async def keep():
-            return True
-        assert await repo.replace_all("me", model, rec.StreamState(built=True, last_seq=1), keep)
+        await rebuild_to(repo, rec.StreamState(built=True, last_seq=1), model)
         child = spawn([sys.executable, "-c", _DIES_MID_COMMIT, mongodb_uri, db.db.name, a, c],
                       stdout=subprocess.PIPE, cwd=ROOT)
         try:
@@ -349,9 +353,7 @@ async def test_a_late_write_of_an_earlier_batch_changes_nothing(mongodb_uri):
         model = rec.CoPurchases(kept=None)
         model.learn(rec.OrderChange("u1", "000000000000000000000001", True, (a, b)))
 
-        async def keep():
-            return True
-        assert await repo.replace_all("me", model, rec.StreamState(built=True, last_seq=1), keep)
+        await rebuild_to(repo, rec.StreamState(built=True, last_seq=1), model)
         for name in ("holdings", "partners"):  # as the code before stored them
             await db[name].update_many({}, {"$unset": {"v": ""}})
         state, second = await commit_batch(repo, await repo.state(),
@@ -370,7 +372,7 @@ async def test_a_late_write_of_an_earlier_batch_changes_nothing(mongodb_uri):
         rebuilt = rec.CoPurchases(kept=None)
         rebuilt.learn(rec.OrderChange("u3", "000000000000000000000003", True, (b, c)))
         new_history = rec.StreamState(built=True, epoch="e2", last_seq=1)
-        assert await repo.replace_all("me", rebuilt, new_history, keep)
+        await rebuild_to(repo, new_history, rebuilt)
         await repo._finish(late, late_version)
         assert await repo.partners_of([a, b, c]) == {b: {c: [1, 0]}, c: {b: [1, 0]}}
         assert await repo.holdings_of(["u1", "u2", "u3"]) == {"u3": {"000000000000000000000003": [b, c]}}
@@ -385,10 +387,8 @@ async def test_a_batch_that_changes_no_count_only_moves_the_position(mongodb_uri
     from bookshop.services import recommendations as rec
     db, repo = await fresh_repo(mongodb_uri)
     try:
-        async def keep():
-            return True
         built = rec.StreamState(built=True, last_seq=4)
-        assert await repo.replace_all("me", rec.CoPurchases(), built, keep)
+        await rebuild_to(repo, built)
         at = await version(db)
         after = rec.StreamState(built=True, last_seq=6, last_event="e6")
         assert await repo.commit(built, after, rec.CoPurchases())  # e.g. two orders placed, not yet confirmed
@@ -405,10 +405,8 @@ async def test_a_batch_too_large_for_one_commit_writes_nothing(mongodb_uri, monk
     from bookshop.storage import recommendations as store
     db, repo = await fresh_repo(mongodb_uri)
     try:
-        async def keep():
-            return True
         built = rec.StreamState(built=True, last_seq=1)
-        assert await repo.replace_all("me", rec.CoPurchases(), built, keep)
+        await rebuild_to(repo, built)
         monkeypatch.setattr(store, "PENDING_BYTES", 200)
         model = rec.CoPurchases()
         for n in range(5):
