@@ -10,8 +10,9 @@ resource and scope once per batch.
 
 The exporter honours the standard variables, traces-specific first:
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (used as is) or ``OTEL_EXPORTER_OTLP_ENDPOINT`` (+ ``/v1/traces``;
-default ``http://localhost:4318``), ``..._HEADERS`` (``k=v,k2=v2``, URL-encoded), ``..._TIMEOUT`` (default
-10 s; 100 or more is milliseconds as the specification counts, less is seconds as the Python SDK counts),
+default ``http://localhost:4318``), ``..._HEADERS`` (``k=v,k2=v2``, URL-encoded; a ``content-type`` or
+``content-encoding`` there is ignored), ``..._TIMEOUT`` (default 10 s; 100 or more is milliseconds as the
+specification counts, less is seconds as the Python SDK counts),
 ``..._COMPRESSION`` (``gzip`` or none), ``..._CERTIFICATE`` (a CA bundle for https) and
 ``..._CLIENT_CERTIFICATE`` / ``..._CLIENT_KEY``. A post answered 429, 502, 503 or 504 (or not answered) is
 retried with exponential backoff (``Retry-After`` respected) until the timeout; any other failure drops the
@@ -106,7 +107,8 @@ class _Pairs:
     UNIQUE = frozenset({"url.path", "url.full", "url.query", "http.target"})
 
     def __init__(self):
-        self._cache: dict[tuple, bytes] = {}
+        # per field number: encoded fields of string values and of integer values, by (key, value)
+        self._by_number: dict[int, tuple[dict[tuple, bytes], dict[tuple, bytes]]] = {}
         self._keys: dict[tuple[int, str], tuple[bytes, bytes]] = {}  # (number, key): (field tag, key field)
 
     def _unique_text(self, number: int, key: str, value: str) -> bytes:
@@ -123,37 +125,49 @@ class _Pairs:
     def attributes(self, number: int, attributes: Mapping[str, Any] | None) -> bytes:
         if not attributes:
             return b""
-        cache, parts, unique = self._cache, [], self.UNIQUE
-        for key, value in attributes.items():
-            if type(value) is str:  # most of them: no type in the key, no TypeError to expect
-                if key in unique:
-                    parts.append(self._unique_text(number, key, value))
+        caches = self._by_number.get(number)
+        if caches is None:
+            caches = self._by_number[number] = ({}, {})
+        texts, ints = caches  # by the (key, value) item itself: no tuple made per attribute
+        parts, unique = [], self.UNIQUE
+        for item in attributes.items():
+            value = item[1]
+            kind = type(value)
+            if kind is str:  # most of them
+                if item[0] in unique:
+                    parts.append(self._unique_text(number, item[0], value))
                     continue
-                encoded = cache.get((number, key, value))
+                encoded = texts.get(item)
                 if encoded is None:
-                    encoded = _field(number, _key_value(key, value))
-                    if len(cache) >= self.LIMIT:
-                        cache.clear()
-                    cache[(number, key, value)] = encoded
+                    encoded = self._keep(texts, item, _field(number, _key_value(item[0], value)))
                 parts.append(encoded)
-                continue
-            ident: tuple | None = None if key in unique else (number, key, type(value), value)
-            try:
-                encoded = cache.get(ident) if ident is not None else None
-            except TypeError:  # a list or a dict: encoded each time
-                ident = encoded = None
-            if encoded is None:
-                try:
-                    encoded = _field(number, _key_value(key, value))
-                except (TypeError, ValueError) as exc:
-                    log.warning("span attribute %s not exported: %s", key, exc)
-                    continue
-                if ident is not None:
-                    if len(cache) >= self.LIMIT:
-                        cache.clear()
-                    cache[ident] = encoded
-            parts.append(encoded)
+            elif kind is int:  # status codes, ports: a cache of their own, as (k, 1) == (k, True) == (k, 1.0)
+                encoded = ints.get(item)
+                if encoded is None:
+                    encoded = self._encode(number, item[0], value)
+                    if encoded is None:
+                        continue
+                    self._keep(ints, item, encoded)
+                parts.append(encoded)
+            else:  # bools, floats, bytes, lists, dicts: few, encoded each time
+                encoded = self._encode(number, item[0], value)
+                if encoded is not None:
+                    parts.append(encoded)
         return b"".join(parts)
+
+    def _keep(self, cache: dict, item: tuple, encoded: bytes) -> bytes:
+        if len(cache) >= self.LIMIT:
+            cache.clear()
+        cache[item] = encoded
+        return encoded
+
+    @staticmethod
+    def _encode(number: int, key: str, value: Any) -> bytes | None:
+        try:
+            return _field(number, _key_value(key, value))
+        except (TypeError, ValueError) as exc:
+            log.warning("span attribute %s not exported: %s", key, exc)
+            return None
 
 
 _LOCAL_PARENT = _pack_fixed32(_FLAGS_HAS_IS_REMOTE)
@@ -275,17 +289,26 @@ class Encoder:
 
     def request(self, spans: Sequence) -> bytes:
         """The whole request: spans grouped by resource, then by instrumentation scope, in order met."""
-        groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+        groups: dict[tuple[int, int], tuple[Any, Any, list[bytes]]] = {}
+        lean, encode = self.lean_span, self.span
         for span in spans:
-            resource, scope = span.resource, span.instrumentation_scope
-            scopes = groups.setdefault(id(resource), (resource, {}))[1]
-            scopes.setdefault(id(scope), (scope, []))[1].append(_field(2, self.span(span)))
+            if type(span) is _LeanSpan:  # its own fields, without the ReadableSpan properties' calls
+                resource, scope, body = span._resource, span._instrumentation_scope, lean(span)
+            else:
+                resource, scope, body = span.resource, span.instrumentation_scope, encode(span)
+            group = groups.get((id(resource), id(scope)))
+            if group is None:
+                group = groups[(id(resource), id(scope))] = (resource, scope, [])
+            group[2].extend((b"\x12", _varint(len(body)), body))  # field 2 of ScopeSpans: a Span
+        by_resource: dict[int, tuple[Any, list[bytes]]] = {}
+        for resource, scope, encoded in groups.values():
+            schema = getattr(scope, "schema_url", None) or ""
+            scope_spans = _field(2, self._head(scope, self._scope) + b"".join(encoded) + _text(3, schema))
+            by_resource.setdefault(id(resource), (resource, []))[1].append(scope_spans)
         out = []
-        for resource, scopes in groups.values():
+        for resource, scope_spans in by_resource.values():
             body = [self._head(resource, self._resource)] if resource is not None else []
-            for scope, encoded in scopes.values():
-                schema = getattr(scope, "schema_url", None) or ""
-                body.append(_field(2, self._head(scope, self._scope) + b"".join(encoded) + _text(3, schema)))
+            body += scope_spans
             body.append(_text(3, getattr(resource, "schema_url", "") or ""))
             out.append(_field(1, b"".join(body)))
         return b"".join(out)
@@ -325,13 +348,17 @@ class SpanExporter:
         self._https = parts.scheme == "https"
         self._address = (parts.hostname or "localhost", parts.port or (443 if self._https else 80))
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._headers = {"Content-Type": "application/x-protobuf", **_headers(_env(env, "HEADERS"))}
+        # every name lower-cased (as _headers gives the variable's), so that none goes out twice; the body's
+        # type and encoding are ours whatever the variable says
+        self._headers = {**_headers(_env(env, "HEADERS")), "content-type": "application/x-protobuf"}
         if self.gzip:
-            self._headers["Content-Encoding"] = "gzip"
+            self._headers["content-encoding"] = "gzip"
+        else:
+            self._headers.pop("content-encoding", None)
         if parts.username is not None and "authorization" not in self._headers:
             # credentials in the endpoint's URL, as requests (the SDK exporter's client) sends them
             pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-            self._headers["Authorization"] = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+            self._headers["authorization"] = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
         self._certificate = _env(env, "CERTIFICATE") or None
         self._client_cert = (_env(env, "CLIENT_CERTIFICATE") or None, _env(env, "CLIENT_KEY") or None)
         self._connection: http.client.HTTPConnection | None = None  # kept alive from post to post

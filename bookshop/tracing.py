@@ -141,7 +141,10 @@ def setup(service: str, exporters: tuple[str, ...], env: Mapping[str, str] | Non
         processors.add_span_processor(SimpleSpanProcessor(test_file))
     trace.set_tracer_provider(provider)
     # span limits are the SDK span's business (a LeanSpan applies none)
-    _state.tracer = provider.get_tracer("bookshop") if limits else LeanTracer(resource, processors, sampler)
+    # a lone processor is handed the spans straight, without the multi-processor's loop around it
+    lone = processors._span_processors
+    _state.tracer = provider.get_tracer("bookshop") if limits else LeanTracer(
+        resource, lone[0] if len(lone) == 1 else processors, sampler)
     _state.recording, _state.provider = True, provider
     _state.new_trace = _state.tracer.new_trace if isinstance(_state.tracer, LeanTracer) and sampler is None else None
     log.info("tracing: exporting spans (%s)", ", ".join(exporters + (("test file",) if span_dir else ())))

@@ -102,6 +102,7 @@ class Collector:
         after its answer without saying so (as a collector's idle timeout does, between two posts)."""
         self.bodies, self.headers, self.fail, self.status = [], [], fail, status
         self.peers: list[tuple] = []
+        self.header_lists: list[list[tuple[str, str]]] = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -110,6 +111,7 @@ class Collector:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.headers.append(dict(self.headers))
+                outer.header_lists.append(list(self.headers.items()))  # repeated names kept
                 outer.peers.append(self.client_address)
                 if outer.fail:
                     outer.fail -= 1
@@ -163,6 +165,23 @@ def test_the_exporter_posts_to_the_standard_endpoint_with_headers_and_gzip(colle
     exporter.shutdown()
 
 
+def test_headers_from_the_environment_never_repeat_or_replace_the_content_type(collector):
+    """The variable's names are lower-cased; ours were not, so a ``Content-Type`` (or ``authorization``) in
+    ``OTEL_EXPORTER_OTLP_HEADERS`` went out twice under two spellings."""
+    c = collector()
+    exporter = otlp.SpanExporter({"OTEL_EXPORTER_OTLP_ENDPOINT": c.url.replace("//", "//u:p@"),
+                                  "OTEL_EXPORTER_OTLP_HEADERS": "Content-Type=text/plain,Authorization=Bearer t",
+                                  "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"})
+    assert exporter.export(recorded_spans()) == SpanExportResult.SUCCESS
+    names = [k.lower() for k, _ in c.header_lists[0]]
+    assert names.count("content-type") == 1 and names.count("authorization") == 1
+    assert names.count("content-encoding") == 1
+    headers = {k.lower(): v for k, v in c.header_lists[0]}
+    assert headers["content-type"] == "application/x-protobuf"  # the body is protobuf, whatever was set
+    assert headers["authorization"] == "Bearer t"  # set explicitly: not replaced by the URL's credentials
+    exporter.shutdown()
+
+
 def test_posts_share_one_connection_and_a_connection_the_collector_closed_is_replaced_at_once(collector):
     alive = collector(keep_alive=True)
     exporter = otlp.SpanExporter({"OTEL_EXPORTER_OTLP_ENDPOINT": alive.url})
@@ -182,7 +201,8 @@ def test_credentials_in_the_endpoint_are_sent_as_basic_auth(collector):
     c = collector()
     exporter = otlp.SpanExporter({"OTEL_EXPORTER_OTLP_ENDPOINT": c.url.replace("//", "//us%40r:s3cret@")})
     assert exporter.export(recorded_spans()) == SpanExportResult.SUCCESS
-    assert c.headers[0]["Authorization"] == "Basic " + base64.b64encode(b"us@r:s3cret").decode()
+    headers = {k.lower(): v for k, v in c.headers[0].items()}
+    assert headers["authorization"] == "Basic " + base64.b64encode(b"us@r:s3cret").decode()
 
 
 def test_a_busy_collector_is_retried_and_a_refusing_one_drops_the_batch(collector, caplog):
@@ -207,10 +227,24 @@ def test_an_unreachable_collector_gives_up_at_the_timeout():
 def test_the_pair_cache_keeps_caching_what_repeats_and_never_per_request_values():
     pairs = otlp._Pairs()
     for n in range(3 * otlp._Pairs.LIMIT):
-        pairs.attributes(9, {"url.path": f"/api/v1/books/{n}", "peer": f"p{n}", "http.request.method": "GET"})
-    assert not any(key[1] == "url.path" for key in pairs._cache)
-    assert (9, "http.request.method", "GET") in pairs._cache  # still cached after the clears (text: no type)
-    assert len(pairs._cache) <= otlp._Pairs.LIMIT
+        pairs.attributes(9, {"url.path": f"/api/v1/books/{n}", "peer": f"p{n}", "http.request.method": "GET",
+                             "server.port": n})
+    texts, ints = pairs._by_number[9]
+    assert not any(key[0] == "url.path" for key in texts)
+    assert ("http.request.method", "GET") in texts  # still cached after the clears
+    assert len(texts) <= otlp._Pairs.LIMIT and len(ints) <= otlp._Pairs.LIMIT
+
+
+def test_equal_values_of_different_types_are_encoded_by_their_own_type():
+    """(k, 1), (k, True) and (k, 1.0) are equal as dict keys: a cache keyed on them alone would give a bool
+    the integer's encoding."""
+    from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+    pairs = otlp._Pairs()
+    for value, field in ((1, "int_value"), (True, "bool_value"), (1.0, "double_value"), (1, "int_value")):
+        encoded = pairs.attributes(9, {"k": value})
+        kv = KeyValue()
+        kv.ParseFromString(encoded[2:])  # the field's tag and length, then the KeyValue
+        assert kv.value.WhichOneof("value") == field, value
 
 
 def test_the_timeout_reads_milliseconds_or_seconds_and_credentials_stay_out_of_the_log(caplog):
