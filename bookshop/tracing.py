@@ -129,22 +129,23 @@ def setup(service: str, exporters: tuple[str, ...], env: Mapping[str, str] | Non
     # collector for the exporter's whole timeout
     provider = TracerProvider(resource=resource, shutdown_on_exit=False, active_span_processor=processors,
                               sampler=sampler or sampling.DEFAULT_ON, span_limits=limits)
+    chosen = []  # the processors, in the order they see a span
     if "otlp" in exporters:
         from bookshop import otlp
-        processors.add_span_processor(BatchSpanProcessor(otlp.SpanExporter(env)))
+        chosen.append(BatchSpanProcessor(otlp.SpanExporter(env)))
     if "console" in exporters:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-        processors.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        chosen.append(BatchSpanProcessor(ConsoleSpanExporter()))
     if span_dir:
         os.makedirs(span_dir, exist_ok=True)
-        test_file = JsonLinesExporter(os.path.join(span_dir, f"{service}.jsonl"))
-        processors.add_span_processor(SimpleSpanProcessor(test_file))
+        chosen.append(SimpleSpanProcessor(JsonLinesExporter(os.path.join(span_dir, f"{service}.jsonl"))))
+    for processor in chosen:
+        processors.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     # span limits are the SDK span's business (a LeanSpan applies none)
     # a lone processor is handed the spans straight, without the multi-processor's loop around it
-    lone = processors._span_processors
     _state.tracer = provider.get_tracer("bookshop") if limits else LeanTracer(
-        resource, lone[0] if len(lone) == 1 else processors, sampler)
+        resource, chosen[0] if len(chosen) == 1 else processors, sampler)
     _state.recording, _state.provider = True, provider
     _state.new_trace = _state.tracer.new_trace if isinstance(_state.tracer, LeanTracer) and sampler is None else None
     log.info("tracing: exporting spans (%s)", ", ".join(exporters + (("test file",) if span_dir else ())))
