@@ -270,9 +270,8 @@ class Encoder:
         return _UNSET_STATUS
 
     def span(self, span) -> bytes:
-        """One ``Span`` message (without its field tag)."""
-        if type(span) is _LeanSpan:
-            return self.lean_span(span)
+        """One ``Span`` message (without its field tag), through the ``ReadableSpan`` interface (``request``
+        takes a ``LeanSpan`` to ``lean_span`` instead)."""
         ctx, parent, attrs = span.get_span_context(), span.parent, self._pairs.attributes
         out = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big"),
                _trace_state(ctx)]
