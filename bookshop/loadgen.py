@@ -10,7 +10,8 @@ only, as any client could:
   ``available = on_hand - reserved``;
 * ``stock_conserved`` — for every book the run touched: final ``on_hand`` = initial + restocked − copies in
   the run's confirmed and shipped orders, and nothing is left reserved beyond what was before (so nothing was
-  sold twice or lost);
+  sold twice or lost); a cancelled order gives its stock back just after it reads ``CANCELLED``, so the levels
+  are read again until they add up or the settling time is over;
 * ``confirmed_charged_once`` — every confirmed or shipped order has exactly one charge of its total, no
   refund, and ``payment.status`` ``charged``;
 * ``cancelled_not_charged`` — every cancelled order's refunds equal its charges and it is not ``charged``;
@@ -263,8 +264,7 @@ class LoadGen:
             if not cursor:
                 return orders
 
-    async def _settle(self, staff: ShopClient) -> list[dict]:
-        deadline = time.monotonic() + self.settle
+    async def _settle(self, staff: ShopClient, deadline: float) -> list[dict]:
         while True:
             orders = await self._orders_of_run(staff)
             open_ = [o for o in orders if o["status"] == "PENDING" or o["payment"]["status"] == "refund_pending"]
@@ -272,15 +272,26 @@ class LoadGen:
                 return orders
             await asyncio.sleep(0.5)
 
+    def _unconserved(self, final: dict[str, dict], sold: collections.Counter) -> list[str]:
+        return [isbn for isbn in self.isbns if final.get(isbn) is None or final[isbn]["on_hand"] != (
+            (self.initial.get(isbn) or {}).get("on_hand", 0) + self.restocked[isbn] - sold[isbn])
+            or final[isbn]["reserved"] != (self.initial.get(isbn) or {}).get("reserved", 0)]
+
     async def check(self, staff: ShopClient) -> tuple[dict[str, bool], list[str]]:
-        orders = await self._settle(staff)
+        deadline = time.monotonic() + self.settle
+        orders = await self._settle(staff, deadline)
         problems: list[str] = []
-        final = await self._levels(staff, self.isbns)
         sold: collections.Counter = collections.Counter()
         for order in orders:
             if order["status"] in ("CONFIRMED", "SHIPPED"):
                 for item in order["items"]:
                     sold[item["isbn"]] += item["quantity"]
+        # a cancelled order is CANCELLED before its stock is given back (its compensation follows): the levels
+        # get the rest of the settling time to come back
+        final = await self._levels(staff, self.isbns)
+        while self._unconserved(final, sold) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            final = await self._levels(staff, self.isbns)
 
         negative = [isbn for isbn, lv in final.items() if lv is not None and (
             min(lv["on_hand"], lv["reserved"], lv["available"]) < 0

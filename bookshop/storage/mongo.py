@@ -19,15 +19,19 @@ DuplicateKeyError = pymongo.errors.DuplicateKeyError
 
 
 def with_required_options(uri: str) -> str:
-    """The URI with ``retryWrites=false&journal=true`` unless the caller chose otherwise.
+    """The URI with ``retryWrites=false&journal=true&serverMonitoringMode=poll`` unless the caller chose
+    otherwise.
 
     Retryable writes collapse the embedded server's write rate after ~10k writes; without journal the last
-    acknowledged writes can vanish on kill -9.
+    acknowledged writes can vanish on kill -9. A streaming monitor (the driver's default) keeps a ``hello``
+    open on the server, which the embedded server answers by waking every 0.25 s per client, and a second
+    connection for round-trip times: half of an idle shop's database CPU. Polling asks once per heartbeat (10 s).
     """
     parts = urlsplit(uri)
     query = dict(parse_qsl(parts.query))
     query.setdefault("retryWrites", "false")
     query.setdefault("journal", "true")
+    query.setdefault("serverMonitoringMode", "poll")
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 

@@ -54,7 +54,7 @@ async def test_a_short_run_holds_every_invariant(make_shop):
 @pytest.mark.gen_test(timeout=120)
 async def test_stock_changed_behind_the_api_s_back_breaks_conservation_and_is_named(make_shop):
     shop, isbns = await stocked_shop(make_shop)
-    proc = await loadgen(shop, "--users", "3", "--duration", "5", "--settle", "30")
+    proc = await loadgen(shop, "--users", "3", "--duration", "5", "--settle", "15")
     # once the run is under way (its first order exists), add copies directly in the inventory database
     async with aiohttp.ClientSession() as session:
         staff = await Api(shop, session).staff()
