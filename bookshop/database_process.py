@@ -378,18 +378,9 @@ def keep_unchanged_index_entries() -> None:
         collation = storage._parse_index_collation(index_options.get(name, {}).get("collation"))
         return tuple(storage._index_key_variants(doc, key_spec, sparse=sparse, collation=collation))
 
-    def kept(self, db, coll, new, indexes, partials, recordid, caller):
-        """The indexes whose entries the update of ``recordid`` to ``new`` leaves as they are (None: not an
-        update's call, look no further)."""
-        if not indexes or recordid is None or caller.f_code not in updaters:
-            return None
-        known = getattr(self._tls, "bookshop_kept", None)
-        if known is not None and known[0] is new and known[1:4] == (db, coll, recordid):
-            return known[4]
-        found = caller.f_locals
-        old = found.get("doc")
-        if found.get("new") is not new or found.get("recordid") != recordid or not isinstance(old, dict):
-            return None
+    def kept(self, db, coll, old, new, indexes, partials, recordid):
+        """The indexes whose entries the update of ``recordid`` from ``old`` to ``new`` leaves as they are, kept
+        for the rest of this update (its delete and write of the entries)."""
         if partials is None:
             partials = self._partial_filters(db, coll)
         index_options = self._index_options_map(db, coll)
@@ -398,20 +389,36 @@ def keep_unchanged_index_entries() -> None:
             if storage._geo_type_of(key_spec) is None
             and entries(old, name, key_spec, sparse, partials, index_options)
             == entries(new, name, key_spec, sparse, partials, index_options))
-        self._tls.bookshop_kept = (new, db, coll, recordid, same)
+        self._tls.bookshop_kept = (old, new, db, coll, recordid, same)
         return same
 
+    def update_of(caller, recordid):
+        """The (old, new) documents of the update body ``caller`` is, writing ``recordid``; else None."""
+        if recordid is None or caller.f_code not in updaters:
+            return None
+        found = caller.f_locals
+        old, new = found.get("doc"), found.get("new")
+        if found.get("recordid") != recordid or not isinstance(old, dict) or not isinstance(new, dict):
+            return None
+        return old, new
+
     def unique_conflict(self, db, coll, candidate_doc, indexes, *, exclude_recordid, partials=None):
-        same = kept(self, db, coll, candidate_doc, indexes, partials, exclude_recordid, sys._getframe(1))
-        if same:  # a unique key the document keeps is its own: no other document can hold it
+        update = update_of(sys._getframe(1), exclude_recordid) if indexes else None
+        if update is not None and update[1] is candidate_doc:
+            same = kept(self, db, coll, *update, indexes, partials, exclude_recordid)
+            # a unique key the document keeps is its own: no other document can hold it
             indexes = [index for index in indexes if not (index[3] and index[0] in same)]
         return probe(self, db, coll, candidate_doc, indexes, exclude_recordid=exclude_recordid, partials=partials)
 
     def delete_index_entries(self, db, coll, doc, indexes, partials=None, *, recordid):
-        caller = sys._getframe(1)
-        if indexes and caller.f_code in updaters:
-            new = caller.f_locals.get("new")
-            same = kept(self, db, coll, new, indexes, partials, recordid, caller) if isinstance(new, dict) else None
+        if indexes:
+            known = getattr(self._tls, "bookshop_kept", None)
+            if known is not None and known[0] is doc and known[2:5] == (db, coll, recordid):
+                same = known[5]  # found by this update's unique probe
+            else:
+                update = update_of(sys._getframe(1), recordid)
+                same = kept(self, db, coll, doc, update[1], indexes, partials, recordid) if (
+                    update is not None and update[0] is doc) else None
             if same:
                 indexes = [index for index in indexes if index[0] not in same]
         return delete(self, db, coll, doc, indexes, partials, recordid=recordid)
@@ -420,8 +427,8 @@ def keep_unchanged_index_entries() -> None:
         known = getattr(self._tls, "bookshop_kept", None)
         if known is not None:
             self._tls.bookshop_kept = None
-            if known[0] is doc and known[1:4] == (db, coll, recordid):
-                indexes = [index for index in indexes if index[0] not in known[4]]
+            if known[1] is doc and known[2:5] == (db, coll, recordid):
+                indexes = [index for index in indexes if index[0] not in known[5]]
         return write(self, db, coll, doc, indexes, partials, recordid=recordid)
 
     write_index_entries.bookshop_paired = True
