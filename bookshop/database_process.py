@@ -220,9 +220,6 @@ def cache_catalogs() -> None:
         return tuple(rows)
 
     def iter_indexes(self, db, coll):
-        if getattr(self._tls, "user_txn", None) is not None:
-            yield from walk(self, db, coll)
-            return
         for name, raw in _cached_read(self, "indexes", (db, coll), lambda: stored_indexes(self, db, coll)):
             payload = bson.decode(raw)
             yield name, payload.get("key", {}), payload.get("options", {})
@@ -234,15 +231,13 @@ def cache_catalogs() -> None:
 
         @functools.wraps(view)
         def cached_view(self, db, coll):
-            if getattr(self._tls, "user_txn", None) is not None:
-                return view(self, db, coll)
             return thaw(_cached_read(self, "indexes", (name, db, coll), lambda: freeze(view(self, db, coll))))
         cached_view.bookshop_read = view
         return cached_view
 
-    views = {"_all_indexes": (tuple, list), "_partial_filters": (dict, dict), "_index_options_map": (dict, dict),
-             "_multikey_index_names": (frozenset, set)}
-    views = {name: derived(name, *forms) for name, forms in views.items()}
+    forms = {"_all_indexes": (tuple, list), "_partial_filters": (dict, dict), "_index_options_map": (dict, dict),
+             "_multikey_index_names": (frozenset, set)}  # (as kept, as handed out)
+    views = {name: derived(name, *form) for name, form in forms.items()}
 
     def stored_options(self, db, coll):
         c = self._cursor(storage._COLL_TABLE)
@@ -251,15 +246,11 @@ def cache_catalogs() -> None:
 
     @functools.wraps(coll_options)
     def cached_coll_options(self, db, coll):
-        if getattr(self._tls, "user_txn", None) is not None:
-            return coll_options(self, db, coll)
         blob = _cached_read(self, "collections", (db, coll), lambda: stored_options(self, db, coll))
         return None if blob is None else bson.decode(blob) if blob else {}
 
     @functools.wraps(get_profile)
     def cached_get_profile(self, db):
-        if getattr(self._tls, "user_txn", None) is not None:
-            return get_profile(self, db)
         return dict(_cached_read(self, "profiles", db, lambda: tuple(get_profile(self, db).items())))
 
     def writer(method, tables):

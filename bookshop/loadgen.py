@@ -272,10 +272,16 @@ class LoadGen:
                 return orders
             await asyncio.sleep(0.5)
 
-    def _unconserved(self, final: dict[str, dict], sold: collections.Counter) -> list[str]:
-        return [isbn for isbn in self.isbns if final.get(isbn) is None or final[isbn]["on_hand"] != (
-            (self.initial.get(isbn) or {}).get("on_hand", 0) + self.restocked[isbn] - sold[isbn])
-            or final[isbn]["reserved"] != (self.initial.get(isbn) or {}).get("reserved", 0)]
+    def _unconserved(self, final: dict[str, dict], sold: collections.Counter) -> list[tuple[str, int, int]]:
+        """The books whose final level is not what the run explains: (isbn, expected on_hand, reserved)."""
+        unconserved = []
+        for isbn in self.isbns:
+            before, after = self.initial.get(isbn), final.get(isbn)
+            on_hand = (before or {}).get("on_hand", 0) + self.restocked[isbn] - sold[isbn]
+            reserved = (before or {}).get("reserved", 0)
+            if after is None or after["on_hand"] != on_hand or after["reserved"] != reserved:
+                unconserved.append((isbn, on_hand, reserved))
+        return unconserved
 
     async def check(self, staff: ShopClient) -> tuple[dict[str, bool], list[str]]:
         deadline = time.monotonic() + self.settle
@@ -289,24 +295,21 @@ class LoadGen:
         # a cancelled order is CANCELLED before its stock is given back (its compensation follows): the levels
         # get the rest of the settling time to come back
         final = await self._levels(staff, self.isbns)
-        while self._unconserved(final, sold) and time.monotonic() < deadline:
+        unconserved = self._unconserved(final, sold)
+        while unconserved and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
             final = await self._levels(staff, self.isbns)
+            unconserved = self._unconserved(final, sold)
 
         negative = [isbn for isbn, lv in final.items() if lv is not None and (
             min(lv["on_hand"], lv["reserved"], lv["available"]) < 0
             or lv["available"] != lv["on_hand"] - lv["reserved"])]
         problems += [f"no_stock_below_zero: {isbn} {final[isbn]}" for isbn in negative[:10]]
 
-        unconserved = []
-        for isbn in self.isbns:
-            before, after = self.initial.get(isbn), final.get(isbn)
-            on_hand = (before or {}).get("on_hand", 0) + self.restocked[isbn] - sold[isbn]
-            reserved = (before or {}).get("reserved", 0)
-            if after is None or after["on_hand"] != on_hand or after["reserved"] != reserved:
-                unconserved.append(isbn)
-                problems.append(f"stock_conserved: {isbn} expected on_hand {on_hand} reserved {reserved}, "
-                                f"found {after and {k: after[k] for k in ('on_hand', 'reserved')}}")
+        for isbn, on_hand, reserved in unconserved:
+            after = final.get(isbn)
+            problems.append(f"stock_conserved: {isbn} expected on_hand {on_hand} reserved {reserved}, "
+                            f"found {after and {k: after[k] for k in ('on_hand', 'reserved')}}")
 
         async def ledger(order):
             status, rows = await staff.call("GET /orders/{id}/payments", "GET", f"/orders/{order['id']}/payments",
